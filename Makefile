@@ -1,0 +1,38 @@
+# make test: install what is missing, then run the suite against real servers.
+
+PYTHON ?= python3
+VENV ?= .venv
+PYTEST_ARGS ?=
+APT_PACKAGES = redis-server redis-tools openvswitch-common openvswitch-switch
+# One file from each package, to tell whether it is installed.
+NEEDED = /usr/bin/redis-server /usr/bin/redis-cli /usr/sbin/ovsdb-server \
+         /usr/bin/ovs-vsctl /usr/share/openvswitch/vswitch.ovsschema
+
+.PHONY: test system-deps venv clean
+
+test: system-deps venv
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+system-deps:
+	@missing=""; for f in $(NEEDED); do [ -e $$f ] || missing="$$missing $$f"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(APT_PACKAGES) (missing:$$missing)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $(APT_PACKAGES) >/dev/null || exit 1; \
+	  else \
+	    echo "missing:$$missing"; \
+	    echo "install the Debian packages: $(APT_PACKAGES)"; exit 1; \
+	  fi; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

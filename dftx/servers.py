@@ -1,0 +1,739 @@
+"""
+Real servers on loopback: redis-server (one node, or a Redis Cluster with
+replicas) and ovsdb-server, started from the system binaries on free ports in
+temporary directories.
+
+The test suite, the benchmarks and the sandbox all use this module, so that
+there is one way to run and break a server: kill -9 and restart a node, pause
+and resume it (SIGSTOP/SIGCONT), fail a replica over, migrate a slot, run
+C{ovs-vsctl --no-wait}.
+
+Everything that waits is a coroutine (use it with C{await}, or
+C{defer.ensureDeferred}) that polls with a deadline; nothing blocks the
+reactor.  Every process started here is killed by PID at interpreter exit if
+it is still running, so a failing test cannot leave servers behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Awaitable
+from typing import Any, Callable, Sequence
+
+from twisted.internet import defer, error, protocol, reactor, task
+from twisted.python.failure import Failure
+
+VSWITCH_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+CLUSTER_SLOTS = 16384
+
+_PACKAGES = {
+    "redis-server": "redis-server",
+    "redis-cli": "redis-tools",
+    "ovsdb-server": "openvswitch-common",
+    "ovsdb-tool": "openvswitch-common",
+    "ovsdb-client": "openvswitch-common",
+    "ovs-vsctl": "openvswitch-switch",
+}
+
+# pid -> ChildProcess, for the exit-time cleanup.
+_live: dict[int, "ChildProcess"] = {}
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for pid in list(_live):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+class CommandFailed(Exception):
+    """A helper command exited non-zero, or did not finish in time."""
+
+    def __init__(self, argv: Sequence[str], reason: str, output: str = "") -> None:
+        self.argv = list(argv)
+        self.output = output
+        super().__init__(f"{' '.join(self.argv)}: {reason}\n{output}".rstrip())
+
+
+def find_binary(name: str) -> str:
+    """
+    Return the path of a system binary, looking in C{PATH} and the sbin
+    directories (ovsdb-server lives in /usr/sbin, which a non-root PATH may
+    lack).
+
+    @raise FileNotFoundError: naming the Debian package that provides it.
+    """
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    dirs += ["/usr/sbin", "/usr/local/sbin", "/sbin"]
+    for d in dirs:
+        path = os.path.join(d, name)
+        if d and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(
+        f"{name} not found; install the Debian package "
+        f"{_PACKAGES.get(name, name)}"
+    )
+
+
+def free_port(also_free: Sequence[int] = ()) -> int:
+    """
+    Return a TCP port on 127.0.0.1 that is free now, and such that port +
+    each offset in C{also_free} is free too (Redis Cluster's bus listens on
+    port + 10000).
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if all(port + off < 65536 and _port_free(port + off) for off in also_free):
+            return port
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+async def poll(
+    check: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+) -> Any:
+    """
+    Call C{check} (which may return a Deferred or a coroutine) until it
+    returns a true value or the deadline passes; an exception from C{check}
+    counts as "not yet".
+
+    @return: the true value.
+    @raise TimeoutError: naming C{what} and the last exception, if any.
+    """
+    deadline = reactor.seconds() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            result = check()
+            if isinstance(result, Awaitable):
+                result = await result
+            if result:
+                return result
+            last = None
+        except Exception as e:
+            last = e
+        if reactor.seconds() >= deadline:
+            suffix = f" (last error: {last})" if last else ""
+            raise TimeoutError(f"{what} not within {timeout}s{suffix}")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
+class _CommandProtocol(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.done: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        self.done.callback(-1 if code is None else code)
+
+
+async def run(argv: Sequence[str], timeout: float = 20.0, check: bool = True) -> str:
+    """
+    Run a command (first element looked up with L{find_binary}) and return
+    its stdout and stderr as text.
+
+    @raise CommandFailed: on a non-zero exit (when C{check}), or when it has
+        not finished after C{timeout} seconds (it is then killed).
+    """
+    argv = [find_binary(argv[0]), *argv[1:]]
+    proto = _CommandProtocol()
+    proc = reactor.spawnProcess(proto, argv[0], argv, env=os.environ)
+    timer = reactor.callLater(timeout, _signal_quietly, proc, "KILL")
+    code = await proto.done
+    output = b"".join(proto.out).decode("utf-8", "replace")
+    if not timer.active():
+        raise CommandFailed(argv, f"no answer within {timeout}s", output)
+    timer.cancel()
+    if check and code != 0:
+        raise CommandFailed(argv, f"exit code {code}", output)
+    return output
+
+
+def _signal_quietly(proc: Any, sig: str) -> None:
+    try:
+        proc.signalProcess(getattr(signal, f"SIG{sig}"))
+    except error.ProcessExitedAlready:
+        pass
+
+
+class ChildProcess(protocol.ProcessProtocol):
+    """
+    One long-running server process, its output appended to C{log_path}.
+    """
+
+    def __init__(self, argv: Sequence[str], log_path: Path, cwd: Path) -> None:
+        self.argv = [find_binary(argv[0]), *argv[1:]]
+        self.log_path = log_path
+        self.cwd = cwd
+        self.transport: Any = None
+        self._ended: defer.Deferred[None] = defer.Deferred()
+        self._log: Any = None
+        self._pid = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid if self.running else None
+
+    @property
+    def running(self) -> bool:
+        return self.transport is not None and not self._ended.called
+
+    def start(self) -> None:
+        self._ended = defer.Deferred()
+        self._log = open(self.log_path, "ab")
+        reactor.spawnProcess(
+            self, self.argv[0], self.argv, env=os.environ, path=str(self.cwd)
+        )
+        self._pid = self.transport.pid
+        _live[self._pid] = self
+
+    def outReceived(self, data: bytes) -> None:
+        self._log.write(data)
+        self._log.flush()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        _live.pop(self._pid, None)
+        self._log.close()
+        self._ended.callback(None)
+
+    def signal(self, sig: str) -> None:
+        """Send a signal by name ("KILL", "STOP", "CONT", "TERM")."""
+        if self.running:
+            _signal_quietly(self.transport, sig)
+
+    async def wait_ended(self, timeout: float = 10.0) -> None:
+        """Wait for the process to exit."""
+        if not self.running:
+            return
+        ended = self._ended
+        await poll(lambda: ended.called, timeout, f"exit of {self.argv[0]}")
+
+    async def kill(self) -> None:
+        """kill -9 and wait for the exit (works on a stopped process too)."""
+        self.signal("KILL")
+        await self.wait_ended()
+
+
+class RedisServer:
+    """
+    One redis-server on 127.0.0.1, without persistence.  With C{cluster}, it
+    is a cluster-enabled node that keeps its node id (nodes.conf) across
+    L{restart}.
+    """
+
+    def __init__(
+        self,
+        base_dir: Path,
+        cluster: bool = False,
+        node_timeout_ms: int = 2000,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.port = free_port(also_free=(10000,) if cluster else ())
+        self.dir = Path(base_dir) / f"redis-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cluster = cluster
+        self.paused = False
+        args = [
+            "redis-server",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.dir),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--protected-mode", "no",
+        ]
+        if cluster:
+            args += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.dir / "nodes.conf"),
+                "--cluster-node-timeout", str(node_timeout_ms),
+            ]
+        self.process = ChildProcess(
+            [*args, *extra_args], self.dir / "redis.log", self.dir
+        )
+
+    @property
+    def address(self) -> str:
+        """C{"127.0.0.1:port"}."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process.running
+
+    def __repr__(self) -> str:
+        return f"<RedisServer {self.address} pid={self.process.pid}>"
+
+    async def cli(self, *args: str, timeout: float = 10.0) -> str:
+        """Run one command with redis-cli and return its raw output, stripped."""
+        out = await run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
+            timeout=timeout,
+        )
+        return out.strip()
+
+    async def start(self, timeout: float = 15.0) -> None:
+        """Start the server and wait until it answers PING."""
+        self.process.start()
+        self.paused = False
+        await poll(self._pong, timeout, f"redis-server {self.address} PING")
+
+    async def _pong(self) -> bool:
+        if not self.process.running:
+            raise RuntimeError(f"exited; see {self.process.log_path}")
+        return (await self.cli("PING", timeout=2)) == "PONG"
+
+    async def kill(self) -> None:
+        """kill -9 the server and wait until it is gone."""
+        await self.process.kill()
+        self.paused = False
+
+    async def restart(self, timeout: float = 15.0) -> None:
+        """kill -9 (if running) and start again on the same port and dir."""
+        await self.kill()
+        await self.start(timeout)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server stops answering but keeps its connections."""
+        self.process.signal("STOP")
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after L{pause}."""
+        self.process.signal("CONT")
+        self.paused = False
+
+    async def info(self, section: str) -> dict[str, str]:
+        """INFO C{section} as a dict ("cluster" means CLUSTER INFO)."""
+        args = ("CLUSTER", "INFO") if section == "cluster" else ("INFO", section)
+        text = await self.cli(*args)
+        return dict(
+            line.split(":", 1) for line in text.splitlines() if ":" in line
+        )
+
+
+@dataclass
+class ClusterNode:
+    """One line of CLUSTER NODES."""
+
+    node_id: str
+    address: str  # host:port
+    flags: set[str]
+    master_id: str | None
+    connected: bool
+    slots: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def is_master(self) -> bool:
+        return "master" in self.flags
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.flags & {"fail", "fail?", "noaddr"})
+
+
+def parse_cluster_nodes(text: str) -> list[ClusterNode]:
+    """Parse the output of CLUSTER NODES (importing/migrating marks skipped)."""
+    nodes = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 8:
+            continue
+        slots = []
+        for spec in parts[8:]:
+            if spec.startswith("["):
+                continue
+            lo, _, hi = spec.partition("-")
+            slots.append((int(lo), int(hi or lo)))
+        nodes.append(
+            ClusterNode(
+                node_id=parts[0],
+                address=parts[1].split("@")[0],
+                flags=set(parts[2].split(",")),
+                master_id=None if parts[3] == "-" else parts[3],
+                connected=parts[7] == "connected",
+                slots=slots,
+            )
+        )
+    return nodes
+
+
+class RedisCluster:
+    """
+    A Redis Cluster of C{masters} masters, each with C{replicas} replicas, on
+    loopback.  C{node_timeout_ms} is cluster-node-timeout: a killed master
+    is failed over after about that long plus the election (3-5 s at 2000).
+    """
+
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 2000,
+    ) -> None:
+        self._own_dir = base_dir is None
+        self.dir = Path(base_dir or tempfile.mkdtemp(prefix="dftx-cluster-"))
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes = [
+            RedisServer(self.dir, cluster=True, node_timeout_ms=node_timeout_ms)
+            for _ in range(masters * (1 + replicas))
+        ]
+
+    @property
+    def seeds(self) -> list[str]:
+        """Every node's C{"127.0.0.1:port"}, for a client's host list."""
+        return [n.address for n in self.nodes]
+
+    def node(self, address: str) -> RedisServer:
+        """The node with this C{"host:port"}."""
+        for n in self.nodes:
+            if n.address == address:
+                return n
+        raise KeyError(address)
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start every node, create the cluster and wait until it is healthy."""
+        await defer.gatherResults(
+            [defer.ensureDeferred(n.start()) for n in self.nodes],
+            consumeErrors=True,
+        )
+        await run(
+            ["redis-cli", "--cluster", "create", *self.seeds,
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            timeout=timeout,
+        )
+        await self.wait_healthy(timeout)
+
+    async def stop(self) -> None:
+        """Kill every node and remove the directory (if this object made it)."""
+        for n in self.nodes:
+            await n.kill()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def cluster_nodes(self) -> list[ClusterNode]:
+        """CLUSTER NODES as seen by the first running node that answers."""
+        last: Exception | None = None
+        for n in self.nodes:
+            if n.running and not n.paused:
+                try:
+                    return parse_cluster_nodes(
+                        await n.cli("CLUSTER", "NODES", timeout=3)
+                    )
+                except CommandFailed as e:
+                    last = e
+        raise RuntimeError(f"no node answers CLUSTER NODES: {last}")
+
+    async def masters(self) -> list[RedisServer]:
+        """The nodes that serve slots now, by the cluster's own view."""
+        return [
+            self.node(c.address)
+            for c in await self.cluster_nodes()
+            if c.is_master and c.slots and not c.failed
+        ]
+
+    async def replicas_of(self, master: RedisServer) -> list[RedisServer]:
+        """The nodes that replicate C{master} now."""
+        view = await self.cluster_nodes()
+        ids = {c.address: c.node_id for c in view}
+        return [
+            self.node(c.address)
+            for c in view
+            if c.master_id == ids.get(master.address) and not c.failed
+        ]
+
+    async def owner(self, slot: int) -> RedisServer:
+        """The master that serves C{slot}."""
+        for c in await self.cluster_nodes():
+            if c.is_master and not c.failed and any(
+                lo <= slot <= hi for lo, hi in c.slots
+            ):
+                return self.node(c.address)
+        raise KeyError(f"no master serves slot {slot}")
+
+    async def keyslot(self, key: str) -> int:
+        """The slot of C{key}, as Redis computes it (CLUSTER KEYSLOT)."""
+        for n in self.nodes:
+            if n.running and not n.paused:
+                return int(await n.cli("CLUSTER", "KEYSLOT", key))
+        raise RuntimeError("no running node")
+
+    async def is_healthy(self) -> bool:
+        """
+        True when every running node says cluster_state:ok and sees the same
+        masters covering all slots with no failed node, every master has its
+        replicas, and every replica's link to its master is up.
+        """
+        views = []
+        for n in self.nodes:
+            if not n.running or n.paused:
+                continue
+            if (await n.info("cluster")).get("cluster_state") != "ok":
+                return False
+            view = parse_cluster_nodes(await n.cli("CLUSTER", "NODES", timeout=3))
+            if any(c.failed or not c.connected for c in view if c.address != n.address
+                   and self.node(c.address).running):
+                return False
+            views.append(
+                sorted((c.address, tuple(c.slots)) for c in view if c.is_master and c.slots)
+            )
+            repl = await n.info("replication")
+            if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
+                return False
+        if not views or any(v != views[0] for v in views):
+            return False
+        covered = sum(hi - lo + 1 for _, ranges in views[0] for lo, hi in ranges)
+        if covered != CLUSTER_SLOTS:
+            return False
+        running = sum(1 for n in self.nodes if n.running)
+        if running == len(self.nodes):
+            masters = len(views[0])
+            return running == masters * (1 + self.replicas)
+        return True
+
+    async def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until L{is_healthy}."""
+        await poll(self.is_healthy, timeout, "healthy cluster", interval=0.2)
+
+    async def repair(self, timeout: float = 60.0) -> None:
+        """
+        Undo what tests did to the nodes: resume paused ones, start dead ones
+        (they rejoin, as replicas when their slots moved), then wait until
+        healthy.
+        """
+        for n in self.nodes:
+            if n.paused:
+                n.resume()
+        for n in self.nodes:
+            if not n.running:
+                await n.start()
+        await self.wait_healthy(timeout)
+
+    async def failover(self, replica: RedisServer, mode: str = "", timeout: float = 30.0) -> None:
+        """
+        CLUSTER FAILOVER on C{replica} (C{mode} "" for the coordinated
+        failover, or "FORCE" / "TAKEOVER") and wait until it is a master.
+        """
+        await replica.cli("CLUSTER", "FAILOVER", *([mode] if mode else []))
+        await poll(
+            lambda: self._role_is(replica, "master"), timeout,
+            f"{replica.address} to become master",
+        )
+
+    async def _role_is(self, node: RedisServer, role: str) -> bool:
+        return (await node.info("replication")).get("role") == role
+
+    async def _node_id(self, node: RedisServer) -> str:
+        return await node.cli("CLUSTER", "MYID")
+
+    async def begin_migration(self, slot: int, dst: RedisServer) -> RedisServer:
+        """
+        Mark C{slot} IMPORTING on C{dst} and MIGRATING on its owner, moving
+        no key yet: clients now get ASK for keys already moved.
+
+        @return: the source master.
+        """
+        src = await self.owner(slot)
+        if src is dst:
+            raise ValueError(f"{dst.address} already owns slot {slot}")
+        src_id, dst_id = await self._node_id(src), await self._node_id(dst)
+        await dst.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", src_id)
+        await src.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst_id)
+        return src
+
+    async def move_keys(
+        self, slot: int, src: RedisServer, dst: RedisServer,
+        keys: Sequence[str] | None = None,
+    ) -> int:
+        """
+        MIGRATE C{keys} (all keys of the slot when None) from C{src} to
+        C{dst}.  @return: how many keys were moved.
+        """
+        moved = 0
+        while True:
+            batch = list(keys) if keys is not None else (
+                await src.cli("CLUSTER", "GETKEYSINSLOT", str(slot), "1000")
+            ).split()
+            if not batch:
+                return moved
+            await src.cli(
+                "MIGRATE", "127.0.0.1", str(dst.port), "", "0", "10000",
+                "REPLACE", "KEYS", *batch,
+            )
+            moved += len(batch)
+            if keys is not None:
+                return moved
+
+    async def finish_migration(self, slot: int, src: RedisServer, dst: RedisServer) -> None:
+        """Move what is left of C{slot} and assign it to C{dst} on every master."""
+        await self.move_keys(slot, src, dst)
+        dst_id = await self._node_id(dst)
+        # The destination first, then the source, then the rest (the
+        # order redis-cli --cluster reshard uses).
+        await dst.cli("CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
+        await src.cli("CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
+        for m in await self.masters():
+            if m is not src and m is not dst:
+                await m.cli("CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
+        await poll(
+            lambda: self._owned_by(slot, dst), 30, f"slot {slot} on {dst.address}"
+        )
+
+    async def _owned_by(self, slot: int, dst: RedisServer) -> bool:
+        return (await self.owner(slot)) is dst and await self.is_healthy()
+
+    async def migrate_slot(self, slot: int, dst: RedisServer) -> None:
+        """Move C{slot} with all its keys to master C{dst}."""
+        src = await self.begin_migration(slot, dst)
+        await self.finish_migration(slot, src, dst)
+
+
+class OvsdbServer:
+    """
+    ovsdb-server on a fresh Open_vSwitch database, listening on a unix
+    socket and on C{tcp:127.0.0.1:port}.  With C{clustered}, the database is
+    a one-member RAFT cluster (C{ovsdb-tool create-cluster}), which is what
+    gives monitor_cond_since real transaction ids.
+    """
+
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        clustered: bool = False,
+        schema: str = VSWITCH_SCHEMA,
+    ) -> None:
+        self._own_dir = base_dir is None
+        self.dir = Path(base_dir or tempfile.mkdtemp(prefix="dftx-ovsdb-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.clustered = clustered
+        self.schema = schema
+        self.db_path = self.dir / "conf.db"
+        self.sock_path = self.dir / "db.sock"
+        self.paused = False
+        self.process = ChildProcess(
+            [
+                "ovsdb-server", str(self.db_path),
+                f"--remote=punix:{self.sock_path}",
+                f"--remote=ptcp:{self.port}:127.0.0.1",
+                f"--unixctl={self.dir / 'ovsdb-server.ctl'}",
+                "--no-chdir",
+                "-vconsole:info",
+            ],
+            self.dir / "ovsdb-server.log",
+            self.dir,
+        )
+
+    @property
+    def tcp(self) -> str:
+        """C{"tcp:127.0.0.1:port"}: a Twisted client endpoint string, and an
+        OVS remote too."""
+        return f"tcp:127.0.0.1:{self.port}"
+
+    @property
+    def unix(self) -> str:
+        """C{"unix:/path/db.sock"}: a Twisted client endpoint string, and an
+        OVS remote too."""
+        return f"unix:{self.sock_path}"
+
+    @property
+    def running(self) -> bool:
+        return self.process.running
+
+    async def start(self, timeout: float = 15.0) -> None:
+        """Create the database file if needed, start, wait for list-dbs."""
+        if not self.db_path.exists():
+            if self.clustered:
+                raft = free_port()
+                await run(["ovsdb-tool", "create-cluster", str(self.db_path),
+                           self.schema, f"tcp:127.0.0.1:{raft}"])
+            else:
+                await run(["ovsdb-tool", "create", str(self.db_path), self.schema])
+        self.process.start()
+        self.paused = False
+        await poll(self._ready, timeout, f"ovsdb-server {self.tcp} list-dbs")
+
+    async def _ready(self) -> bool:
+        if not self.process.running:
+            raise RuntimeError(f"exited; see {self.process.log_path}")
+        dbs = await run(["ovsdb-client", "--timeout=2", "list-dbs", self.tcp], timeout=3)
+        return "Open_vSwitch" in dbs.split()
+
+    async def vsctl(self, *args: str, timeout: float = 20.0) -> str:
+        """Run C{ovs-vsctl --no-wait} against this server; return stdout."""
+        out = await run(
+            ["ovs-vsctl", f"--db={self.unix}", "--no-wait",
+             f"--timeout={int(timeout)}", *args],
+            timeout=timeout + 5,
+        )
+        return out.strip()
+
+    async def transact(self, operations: str, timeout: float = 60.0) -> str:
+        """
+        One JSON-RPC transact (C{operations}: the JSON array of RFC 7047
+        params, database name first), for changes too large for ovs-vsctl.
+        """
+        out = await run(
+            ["ovsdb-client", f"--timeout={int(timeout)}", "transact",
+             self.unix, operations],
+            timeout=timeout + 5,
+        )
+        return out.strip()
+
+    async def kill(self) -> None:
+        """kill -9 and wait until gone."""
+        await self.process.kill()
+        self.paused = False
+
+    async def restart(self, timeout: float = 15.0) -> None:
+        """kill -9 (if running) and start again on the same port and file."""
+        await self.kill()
+        await self.start(timeout)
+
+    def pause(self) -> None:
+        """SIGSTOP: a stalled server."""
+        self.process.signal("STOP")
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after L{pause}."""
+        self.process.signal("CONT")
+        self.paused = False
+
+    async def stop(self) -> None:
+        """Kill the server and remove its directory (if this object made it)."""
+        await self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)

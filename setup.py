@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dftx",
+    version="0.1.0.dev0",
+    description="Twisted-native distribution layer for SDN controllers "
+    "(Dragonflow's NB DB, pub/sub and OVSDB monitor on Redis Cluster and ZeroMQ)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["dftx", "dftx.*"]),
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "txredisapi>=1.4.10",
+        "txzmq>=1.0",
+        "msgpack>=1.0",
+        "service-identity>=24.1",
+        "zope.interface>=6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
+            "treq>=24.9",
+        ],
+        "bench": [
+            "redis>=5",
+            "coredis>=4",
+            "pyzmq>=25",
+            "ovs>=3",
+        ],
+    },
+)

@@ -1,0 +1,160 @@
+"""
+The test harness (dftx.servers) does what each helper says, against the real
+servers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import pytest_twisted
+
+from dftx.servers import CLUSTER_SLOTS, CommandFailed, poll, run
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_is_healthy_with_replicas(redis_cluster):
+    view = await redis_cluster.cluster_nodes()
+    masters = [c for c in view if c.is_master]
+    replicas = [c for c in view if not c.is_master]
+    assert len(masters) == 3 and len(replicas) == 3
+    assert sum(hi - lo + 1 for m in masters for lo, hi in m.slots) == CLUSTER_SLOTS
+    for m in masters:
+        assert len(await redis_cluster.replicas_of(redis_cluster.node(m.address))) == 1
+    for n in redis_cluster.nodes:
+        assert (await n.info("cluster"))["cluster_state"] == "ok"
+
+
+@pytest_twisted.ensureDeferred
+async def test_keyslot_and_owner(redis_cluster, unique):
+    slot = await redis_cluster.keyslot("{foo}bar")
+    assert slot == await redis_cluster.keyslot("foo") == 12182
+    owner = await redis_cluster.owner(slot)
+    assert await owner.cli("SET", "{foo}bar", unique) == "OK"
+    assert await owner.cli("GET", "{foo}bar") == unique
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_master_fails_over_and_restart_rejoins(redis_cluster, unique):
+    slot = await redis_cluster.keyslot(unique)
+    master = await redis_cluster.owner(slot)
+    [replica] = await redis_cluster.replicas_of(master)
+    pid = master.process.pid
+    await master.kill()
+    assert not master.running
+    with pytest.raises(OSError):
+        os.kill(pid, 0)
+    # The replica is promoted once the others agree the master failed.
+    await poll(
+        lambda: redis_cluster._role_is(replica, "master"), 20, "promotion"
+    )
+    assert await redis_cluster.owner(slot) is replica
+    # The old master comes back as a replica of the new one.
+    await master.start()
+    await redis_cluster.wait_healthy(30)
+    assert (await master.info("replication"))["role"] == "slave"
+    assert master in await redis_cluster.replicas_of(replica)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pause_and_resume(redis_cluster):
+    node = redis_cluster.nodes[0]
+    node.pause()
+    with pytest.raises(CommandFailed):
+        await node.cli("PING", timeout=1)
+    node.resume()
+    assert await node.cli("PING") == "PONG"
+
+
+@pytest_twisted.ensureDeferred
+async def test_manual_failover(redis_cluster):
+    master = (await redis_cluster.masters())[0]
+    [replica] = await redis_cluster.replicas_of(master)
+    await redis_cluster.failover(replica)
+    assert replica in await redis_cluster.masters()
+    await poll(lambda: redis_cluster._role_is(master, "slave"), 10, "demotion")
+    await redis_cluster.wait_healthy()
+
+
+@pytest_twisted.ensureDeferred
+async def test_migrate_slot_moves_keys(redis_cluster, unique):
+    key = "{" + unique + "}k"
+    slot = await redis_cluster.keyslot(key)
+    src = await redis_cluster.owner(slot)
+    await src.cli("SET", key, "v1")
+    dst = next(m for m in await redis_cluster.masters() if m is not src)
+    await redis_cluster.migrate_slot(slot, dst)
+    assert await redis_cluster.owner(slot) is dst
+    assert await dst.cli("GET", key) == "v1"
+    moved = await src.cli("GET", key, timeout=5)
+    assert moved.startswith(f"MOVED {slot} {dst.address}") or moved == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_in_progress_answers_ask(redis_cluster, unique):
+    a, b = "{" + unique + "}a", "{" + unique + "}b"
+    slot = await redis_cluster.keyslot(a)
+    src = await redis_cluster.owner(slot)
+    await src.cli("SET", a, "1")
+    await src.cli("SET", b, "2")
+    dst = next(m for m in await redis_cluster.masters() if m is not src)
+    src = await redis_cluster.begin_migration(slot, dst)
+    assert await redis_cluster.move_keys(slot, src, dst, keys=[a]) == 1
+    assert (await src.cli("GET", a)).startswith(f"ASK {slot} {dst.address}")
+    assert await src.cli("GET", b) == "2"
+    await redis_cluster.finish_migration(slot, src, dst)
+    assert await dst.cli("GET", b) == "2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_node_kill_and_restart(redis_single):
+    assert (await redis_single.info("server"))["redis_mode"] == "standalone"
+    await redis_single.kill()
+    with pytest.raises(CommandFailed):
+        await redis_single.cli("PING", timeout=2)
+    await redis_single.start()
+    assert await redis_single.cli("PING") == "PONG"
+
+
+@pytest_twisted.ensureDeferred
+async def test_ovsdb_vsctl_and_transact(ovsdb_server):
+    await ovsdb_server.vsctl("add-br", "br-int")
+    assert await ovsdb_server.vsctl("list-br") == "br-int"
+    ops = json.dumps([
+        "Open_vSwitch",
+        {"op": "select", "table": "Interface", "where": [["name", "==", "br-int"]],
+         "columns": ["name", "type"]},
+    ])
+    reply = json.loads(await ovsdb_server.transact(ops))
+    assert reply[0]["rows"] == [{"name": "br-int", "type": "internal"}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ovsdb_kill_restart_keeps_data(ovsdb_server):
+    await ovsdb_server.vsctl("add-br", "br-x")
+    await ovsdb_server.kill()
+    with pytest.raises(CommandFailed):
+        await run(["ovsdb-client", "--timeout=1", "list-dbs", ovsdb_server.tcp], timeout=3)
+    await ovsdb_server.restart()
+    assert await ovsdb_server.vsctl("list-br") == "br-x"
+
+
+@pytest_twisted.ensureDeferred
+async def test_ovsdb_pause_stalls(ovsdb_server):
+    ovsdb_server.pause()
+    with pytest.raises(CommandFailed):
+        await run(["ovsdb-client", "--timeout=1", "list-dbs", ovsdb_server.tcp], timeout=3)
+    ovsdb_server.resume()
+    assert "Open_vSwitch" in await run(["ovsdb-client", "list-dbs", ovsdb_server.tcp])
+
+
+@pytest_twisted.ensureDeferred
+async def test_clustered_ovsdb(make_ovsdb_server):
+    server = await make_ovsdb_server(clustered=True)
+    status = await run(["ovs-appctl", "-t", str(server.dir / "ovsdb-server.ctl"),
+                        "cluster/status", "Open_vSwitch"])
+    assert "Role: leader" in status
+    await server.vsctl("add-br", "br-int")
+    assert await server.vsctl("list-br") == "br-int"
