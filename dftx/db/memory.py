@@ -1,0 +1,127 @@
+"""
+An NB database held in this process's memory: the full L{INbDbDriver}
+contract, for a single process (tests, the sandbox's memory mode, embedding
+applications that need no shared database).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Callable, TypeVar
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from dftx.db.api import INbDbDriver, check_names, check_value
+from dftx.errors import DBKeyAmbiguous, DBKeyNotFound
+
+T = TypeVar("T")
+
+# table -> key -> topic (None: no topic) -> value
+_Rows = dict[str, dict[str, dict[str | None, str]]]
+
+
+def _deferred(f: Callable[..., T]) -> Callable[..., defer.Deferred[T]]:
+    """Run C{f} now; return its result or exception as a Deferred."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return defer.maybeDeferred(f, *args, **kwargs)
+
+    return wrapper
+
+
+@implementer(INbDbDriver)
+class MemoryDbDriver:
+    """
+    The L{INbDbDriver} contract over dicts.  Its constructor takes no
+    arguments; L{initialize} is accepted for symmetry with server drivers.
+    """
+
+    def __init__(self) -> None:
+        self._tables: _Rows = {}
+        self._counters: defaultdict[str, int] = defaultdict(int)
+
+    @_deferred
+    def initialize(self) -> None:
+        pass
+
+    @_deferred
+    def close(self) -> None:
+        pass
+
+    @_deferred
+    def create_key(self, table: str, key: str, value: str, topic: str | None = None) -> None:
+        topic = check_names(table, key, topic)
+        check_value(value)
+        self._tables.setdefault(table, {}).setdefault(key, {})[topic] = value
+
+    @_deferred
+    def get_key(self, table: str, key: str, topic: str | None = None) -> str:
+        topics, topic = self._find(table, key, topic)
+        return topics[topic]
+
+    @_deferred
+    def set_key(self, table: str, key: str, value: str, topic: str | None = None) -> None:
+        check_value(value)
+        topics, topic = self._find(table, key, topic)
+        topics[topic] = value
+
+    @_deferred
+    def delete_key(self, table: str, key: str, topic: str | None = None) -> None:
+        topics, topic = self._find(table, key, topic)
+        del topics[topic]
+        if not topics:
+            del self._tables[table][key]
+
+    @_deferred
+    def get_all_entries(self, table: str, topic: str | None = None) -> list[str]:
+        return [value for _, value in self._rows(table, topic)]
+
+    @_deferred
+    def get_all_keys(self, table: str, topic: str | None = None) -> list[str]:
+        return [key for key, _ in self._rows(table, topic)]
+
+    @_deferred
+    def allocate_unique_key(self, table: str) -> int:
+        check_names(table)
+        self._counters[table] += 1
+        return self._counters[table]
+
+    @_deferred
+    def create_table(self, table: str) -> None:
+        check_names(table)
+        self._tables.setdefault(table, {})
+
+    @_deferred
+    def delete_table(self, table: str) -> None:
+        check_names(table)
+        self._tables.pop(table, None)
+
+    def _find(
+        self, table: str, key: str, topic: str | None
+    ) -> tuple[dict[str | None, str], str | None]:
+        """
+        The topic->value dict of C{key} and the topic the row is under.
+        """
+        topic = check_names(table, key, topic)
+        topics = self._tables.get(table, {}).get(key, {})
+        if topic is not None:
+            if topic not in topics:
+                raise DBKeyNotFound(table, key, topic)
+            return topics, topic
+        if not topics:
+            raise DBKeyNotFound(table, key)
+        if len(topics) > 1:
+            raise DBKeyAmbiguous(table, key, topics)
+        return topics, next(iter(topics))
+
+    def _rows(self, table: str, topic: str | None) -> list[tuple[str, str]]:
+        topic = check_names(table, topic=topic)
+        return [
+            (key, value)
+            for key, topics in self._tables.get(table, {}).items()
+            for t, value in topics.items()
+            if topic is None or t == topic
+        ]

@@ -1,0 +1,205 @@
+"""
+The NB DB driver contract (dftx.db.api, DESIGN.md), as tests any driver runs.
+
+Subclass L{DbDriverContract} in a test module and give it a C{driver}
+fixture that yields an initialized driver.  Every test works in tables of its
+own (the C{unique} fixture), so drivers backed by a shared server need no
+cleanup between tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from zope.interface.verify import verifyObject
+
+from dftx.db.api import INbDbDriver
+from dftx.errors import DBKeyAmbiguous, DBKeyNotFound, InvalidNameError
+
+aio = pytest_twisted.ensureDeferred
+
+
+async def _raises(exc_type, d):
+    with pytest.raises(exc_type) as info:
+        await d
+    return info.value
+
+
+class DbDriverContract:
+    """Tests of the INbDbDriver contract; needs a C{driver} fixture."""
+
+    def test_provides_interface(self, driver):
+        assert verifyObject(INbDbDriver, driver)
+
+    @aio
+    async def test_create_get_set_delete(self, driver, unique):
+        await driver.create_key(unique, "k1", "v1")
+        assert await driver.get_key(unique, "k1") == "v1"
+        await driver.set_key(unique, "k1", "v2")
+        assert await driver.get_key(unique, "k1") == "v2"
+        await driver.delete_key(unique, "k1")
+        await _raises(DBKeyNotFound, driver.get_key(unique, "k1"))
+
+    @aio
+    async def test_create_overwrites(self, driver, unique):
+        await driver.create_key(unique, "k", "a", topic="t")
+        await driver.create_key(unique, "k", "b", topic="t")
+        assert await driver.get_key(unique, "k", topic="t") == "b"
+        assert await driver.get_all_entries(unique) == ["b"]
+
+    @aio
+    async def test_missing_key_errors_name_table_and_key(self, driver, unique):
+        await driver.create_key(unique, "other", "x")
+        for d in (
+            driver.get_key(unique, "nope"),
+            driver.set_key(unique, "nope", "v"),
+            driver.delete_key(unique, "nope"),
+        ):
+            err = await _raises(DBKeyNotFound, d)
+            assert (err.table, err.key) == (unique, "nope")
+            assert unique in str(err) and "nope" in str(err)
+
+    @aio
+    async def test_missing_key_under_topic(self, driver, unique):
+        await driver.create_key(unique, "k", "v", topic="t1")
+        err = await _raises(DBKeyNotFound, driver.get_key(unique, "k", topic="t2"))
+        assert err.topic == "t2"
+        await _raises(DBKeyNotFound, driver.set_key(unique, "k", "v", topic="t2"))
+        await _raises(DBKeyNotFound, driver.delete_key(unique, "k", topic="t2"))
+        assert await driver.get_key(unique, "k", topic="t1") == "v"
+
+    @aio
+    async def test_set_never_creates(self, driver, unique):
+        await _raises(DBKeyNotFound, driver.set_key(unique, "k", "v"))
+        await _raises(DBKeyNotFound, driver.set_key(unique, "k", "v", topic="t"))
+        assert await driver.get_all_keys(unique) == []
+        await _raises(DBKeyNotFound, driver.get_key(unique, "k"))
+
+    @aio
+    async def test_missing_table_lists_nothing(self, driver, unique):
+        assert await driver.get_all_entries(unique) == []
+        assert await driver.get_all_keys(unique) == []
+        assert await driver.get_all_entries(unique, topic="t") == []
+        assert await driver.get_all_keys(unique, topic="t") == []
+
+    @aio
+    async def test_create_table_is_empty_and_delete_table(self, driver, unique):
+        await driver.create_table(unique)
+        assert await driver.get_all_entries(unique) == []
+        await driver.create_key(unique, "a", "1")
+        await driver.create_key(unique, "b", "2", topic="t1")
+        await driver.create_key(unique, "c", "3", topic="t2")
+        await driver.delete_table(unique)
+        assert await driver.get_all_keys(unique) == []
+        assert await driver.get_all_entries(unique, topic="t1") == []
+        await _raises(DBKeyNotFound, driver.get_key(unique, "b", topic="t1"))
+        await driver.delete_table(unique)  # deleting a missing table is fine
+
+    @aio
+    async def test_topic_filtering(self, driver, unique):
+        await driver.create_key(unique, "a", "va", topic="t1")
+        await driver.create_key(unique, "b", "vb", topic="t1")
+        await driver.create_key(unique, "c", "vc", topic="t2")
+        await driver.create_key(unique, "d", "vd")
+        assert sorted(await driver.get_all_keys(unique, topic="t1")) == ["a", "b"]
+        assert sorted(await driver.get_all_entries(unique, topic="t1")) == ["va", "vb"]
+        assert await driver.get_all_keys(unique, topic="t2") == ["c"]
+        assert sorted(await driver.get_all_keys(unique)) == ["a", "b", "c", "d"]
+        assert sorted(await driver.get_all_entries(unique)) == ["va", "vb", "vc", "vd"]
+
+    @aio
+    async def test_topic_less_lookup_finds_row_under_its_topic(self, driver, unique):
+        await driver.create_key(unique, "k", "v", topic="tenant1")
+        assert await driver.get_key(unique, "k") == "v"
+        await driver.set_key(unique, "k", "v2")
+        assert await driver.get_key(unique, "k", topic="tenant1") == "v2"
+        await driver.delete_key(unique, "k")
+        await _raises(DBKeyNotFound, driver.get_key(unique, "k", topic="tenant1"))
+
+    @aio
+    async def test_topic_less_lookup_of_key_under_two_topics_is_ambiguous(self, driver, unique):
+        await driver.create_key(unique, "k", "v1", topic="t1")
+        await driver.create_key(unique, "k", "v2", topic="t2")
+        for d in (
+            driver.get_key(unique, "k"),
+            driver.set_key(unique, "k", "x"),
+            driver.delete_key(unique, "k"),
+        ):
+            err = await _raises(DBKeyAmbiguous, d)
+            assert err.topics == ["t1", "t2"] and err.key == "k"
+        assert sorted(await driver.get_all_keys(unique)) == ["k", "k"]
+        assert await driver.get_key(unique, "k", topic="t2") == "v2"
+
+    @aio
+    async def test_tables_do_not_leak_into_each_other(self, driver, unique):
+        await driver.create_key(unique, "k", "mine")
+        await driver.create_key(unique + "x", "k", "other")
+        await driver.create_key("x" + unique, "k2", "other")
+        assert await driver.get_all_entries(unique) == ["mine"]
+        await driver.delete_table(unique)
+        assert await driver.get_key(unique + "x", "k") == "other"
+
+    @aio
+    async def test_glob_and_brace_characters_are_literal(self, driver, unique):
+        table = unique + "*?[a]\\"
+        await driver.create_key(table, "k*", "1", topic="t?")
+        await driver.create_key(table, "{k}[x]", "2")
+        await driver.create_key(unique + "zz", "k*", "decoy", topic="tz")
+        assert sorted(await driver.get_all_keys(table)) == ["k*", "{k}[x]"]
+        assert await driver.get_all_keys(table, topic="t?") == ["k*"]
+        assert await driver.get_key(table, "k*") == "1"
+        assert await driver.get_key(table, "{k}[x]") == "2"
+
+    @aio
+    async def test_unicode_keys_values_topics(self, driver, unique):
+        table = unique + "-tablé"
+        await driver.create_key(table, "ключ-🔑", "värde ✓ 値", topic="租户")
+        assert await driver.get_key(table, "ключ-🔑") == "värde ✓ 値"
+        assert await driver.get_all_keys(table, topic="租户") == ["ключ-🔑"]
+        assert await driver.get_all_entries(table) == ["värde ✓ 値"]
+
+    @aio
+    async def test_values_that_look_like_numbers_stay_text(self, driver, unique):
+        await driver.create_key(unique, "n", "123")
+        await driver.create_key(unique, "f", "1.50")
+        await driver.create_key(unique, "e", "")
+        assert await driver.get_key(unique, "n") == "123"
+        assert await driver.get_key(unique, "f") == "1.50"
+        assert await driver.get_key(unique, "e") == ""
+
+    @aio
+    async def test_one_mebibyte_value(self, driver, unique):
+        value = ("0123456789abcdef" * 65536)[:-1] + "é"
+        await driver.create_key(unique, "big", value)
+        assert await driver.get_key(unique, "big") == value
+        assert await driver.get_all_entries(unique) == [value]
+
+    @aio
+    async def test_allocate_unique_key_under_200_concurrent_calls(self, driver, unique):
+        results = await defer.gatherResults(
+            [driver.allocate_unique_key(unique) for _ in range(200)]
+        )
+        assert all(isinstance(r, int) for r in results)
+        assert len(set(results)) == 200
+        assert min(results) >= 1
+        other = await driver.allocate_unique_key(unique + "b")
+        assert other == 1
+
+    @aio
+    async def test_invalid_names_are_refused(self, driver, unique):
+        for table in ("", "a.b", "a{b", "a}b"):
+            err = await _raises(InvalidNameError, driver.create_key(table, "k", "v"))
+            assert err.kind == "table"
+        err = await _raises(InvalidNameError, driver.create_key(unique, "k", "v", topic="a}"))
+        assert err.kind == "topic"
+        err = await _raises(InvalidNameError, driver.get_key(unique, ""))
+        assert err.kind == "key"
+        await _raises(TypeError, driver.create_key(unique, "k", b"bytes"))
+        assert await driver.get_all_keys(unique) == []
+
+    @aio
+    async def test_empty_topic_means_no_topic(self, driver, unique):
+        await driver.create_key(unique, "k", "v", topic="")
+        assert await driver.get_key(unique, "k", topic=None) == "v"
+        assert await driver.get_all_keys(unique, topic="") == ["k"]
