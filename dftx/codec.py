@@ -1,0 +1,88 @@
+"""
+Wire encoding of a L{DbUpdate}: a msgpack map.
+
+The map holds C{table, key, action, value, topic} (what Dragonflow sends and
+reads, so either side interoperates with it), plus C{publisher} (id) and
+C{seq} (per publisher and topic, from 1) when the sender stamps them; peers
+that do not know these keys ignore them, and L{decode} ignores keys it does
+not know.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from dftx.errors import ProtocolError
+from dftx.update import DbUpdate
+
+_REQUIRED = ("table", "key", "action", "value", "topic")
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def encode(update: DbUpdate, publisher: str | None = None, seq: int | None = None) -> bytes:
+    """
+    @param publisher: the sender's id, stamped instead of C{update.publisher}.
+    @param seq: the sequence number, stamped instead of C{update.seq}.
+    @return: the msgpack bytes.
+    @raise ProtocolError: when a field cannot be encoded (a value that is
+        not text, bytes or None, say).
+    """
+    message = update.to_dict()
+    publisher = update.publisher if publisher is None else publisher
+    seq = update.seq if seq is None else seq
+    if publisher is not None:
+        message["publisher"] = publisher
+    if seq is not None:
+        message["seq"] = seq
+    try:
+        return _packer.pack(message)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"cannot encode {update!r}: {e}") from e
+
+
+def decode(data: bytes, peer: str | None = None) -> DbUpdate:
+    """
+    @param peer: where the message came from, for the error.
+    @return: the L{DbUpdate}, with C{publisher} and C{seq} when present.
+    @raise ProtocolError: for anything that is not such a map; never any
+        other exception.
+    """
+    try:
+        message = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises many types; all mean "undecodable"
+        raise ProtocolError(f"undecodable message ({type(e).__name__}: {e})", peer) from e
+    if not isinstance(message, dict):
+        raise ProtocolError(f"message is a {type(message).__name__}, not a map", peer)
+    missing = [k for k in _REQUIRED if k not in message]
+    if missing:
+        raise ProtocolError(f"message lacks {', '.join(missing)}", peer)
+    table = _text(message, "table", peer)
+    action = _text(message, "action", peer)
+    if action is None:
+        raise ProtocolError("message has no action", peer)
+    seq = message.get("seq")
+    if seq is not None and (type(seq) is not int or seq < 0):
+        raise ProtocolError(f"bad seq {seq!r}", peer)
+    return DbUpdate(
+        table,
+        _text(message, "key", peer),
+        action,
+        _text(message, "value", peer),
+        _text(message, "topic", peer),
+        publisher=_text(message, "publisher", peer),
+        seq=seq,
+    )
+
+
+def _text(message: dict[Any, Any], field: str, peer: str | None) -> str | None:
+    value = message.get(field)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"{field} is not utf-8", peer) from e
+    raise ProtocolError(f"{field} is a {type(value).__name__}, not text", peer)

@@ -1,0 +1,115 @@
+"""
+The unit of change that travels from NB API writers to subscribers.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+SEND_ALL_TOPIC = "D"
+"""The topic every subscriber listens to; a row update without topic goes here."""
+
+CREATE = "create"
+SET = "set"
+DELETE = "delete"
+LOG = "log"
+ROW_ACTIONS = frozenset({CREATE, SET, DELETE, LOG})
+
+DBRESTART = "dbrestart"
+"""Control: the connection to the database or broker was recovered; resubscribe
+and resync everything."""
+SYNC = "sync"
+"""Control: resync one topic (C{topic}), or everything (C{topic} None)."""
+CONTROL_ACTIONS = frozenset({DBRESTART, SYNC})
+
+_VALUE_REPR_LIMIT = 60
+
+
+@functools.total_ordering
+class DbUpdate:
+    """
+    A change to one NB row (C{table}, C{key}, C{action}, C{value}, C{topic}),
+    or a control event (C{table} None, C{action} L{DBRESTART} or L{SYNC}).
+
+    A row update's C{topic} defaults to L{SEND_ALL_TOPIC}; a control event's
+    stays None ("all topics") unless given.  C{timestamp} (seconds since the
+    epoch) defaults to now; updates order by timestamp, then key.
+    C{publisher} and C{seq} are set on updates that arrived from a publisher
+    that stamps them (see L{dftx.codec}).
+
+    Two updates are equal when their row fields, publisher and seq are;
+    the timestamp is local and does not count.
+    """
+
+    __slots__ = ("table", "key", "action", "value", "topic", "timestamp", "publisher", "seq")
+
+    def __init__(
+        self,
+        table: str | None,
+        key: str | None,
+        action: str,
+        value: str | None,
+        topic: str | None = None,
+        timestamp: float | None = None,
+        publisher: str | None = None,
+        seq: int | None = None,
+    ) -> None:
+        self.table = table
+        self.key = key
+        self.action = action
+        self.value = value
+        self.topic = SEND_ALL_TOPIC if topic is None and table is not None else topic
+        self.timestamp = time.time() if timestamp is None else timestamp
+        self.publisher = publisher
+        self.seq = seq
+
+    @classmethod
+    def control(cls, action: str, topic: str | None = None) -> DbUpdate:
+        """A control event: L{DBRESTART}, or L{SYNC} of C{topic} (None: all)."""
+        if action not in CONTROL_ACTIONS:
+            raise ValueError(f"not a control action: {action!r}")
+        return cls(None, None, action, None, topic)
+
+    @property
+    def is_control(self) -> bool:
+        return self.table is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields Dragonflow puts on the wire: table, key, action, value, topic."""
+        return {
+            "table": self.table,
+            "key": self.key,
+            "action": self.action,
+            "value": self.value,
+            "topic": self.topic,
+        }
+
+    def _identity(self) -> tuple:
+        return (self.table, self.key, self.action, self.value, self.topic,
+                self.publisher, self.seq)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DbUpdate):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable value object
+
+    def __lt__(self, other: DbUpdate) -> bool:
+        if not isinstance(other, DbUpdate):
+            return NotImplemented
+        return (self.timestamp, self.key or "") < (other.timestamp, other.key or "")
+
+    def __repr__(self) -> str:
+        value = self.value
+        if isinstance(value, str) and len(value) > _VALUE_REPR_LIMIT:
+            value = value[:_VALUE_REPR_LIMIT] + f"...({len(self.value)} chars)"
+        parts = [
+            f"table={self.table!r}", f"key={self.key!r}", f"action={self.action!r}",
+            f"topic={self.topic!r}", f"value={value!r}",
+        ]
+        if self.publisher is not None:
+            parts.append(f"publisher={self.publisher!r} seq={self.seq!r}")
+        return f"DbUpdate({', '.join(parts)})"

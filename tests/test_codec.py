@@ -1,0 +1,87 @@
+"""dftx.codec: round trips, Dragonflow interoperability, and garbage."""
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dftx.codec import decode, encode
+from dftx.errors import ProtocolError
+from dftx.update import DbUpdate
+
+text = st.text(max_size=50)
+maybe_text = st.none() | text
+
+
+@given(table=text.filter(bool), key=maybe_text, action=text.filter(bool),
+       value=maybe_text, topic=maybe_text, publisher=maybe_text,
+       seq=st.none() | st.integers(min_value=0, max_value=2**63))
+def test_round_trip(table, key, action, value, topic, publisher, seq):
+    u = DbUpdate(table, key, action, value, topic, publisher=publisher, seq=seq)
+    assert decode(encode(u)) == u
+
+
+def test_stamps_publisher_and_seq_without_changing_the_update():
+    u = DbUpdate("lport", "k", "create", "{}")
+    d = decode(encode(u, publisher="pub-1", seq=7))
+    assert (d.publisher, d.seq) == ("pub-1", 7)
+    assert (u.publisher, u.seq) == (None, None)
+
+
+def test_decodes_what_dragonflow_sends():
+    # Dragonflow's pack_message: msgpack.packb(update.to_dict(), use_bin_type=True)
+    sent = {"table": "lport", "key": "port1", "action": "create",
+            "value": '{"id": "port1"}', "topic": "tenant1"}
+    for use_bin_type in (True, False):  # current and older msgpack defaults
+        u = decode(msgpack.packb(sent, use_bin_type=use_bin_type))
+        assert u.to_dict() == sent
+        assert (u.publisher, u.seq) == (None, None)
+
+
+def test_dragonflow_reads_what_we_send():
+    # Dragonflow's unpack_message: msgpack.unpackb(message, raw=False), then
+    # it reads these five keys.
+    u = DbUpdate("lswitch", "sw", "delete", None, "t", publisher="p", seq=1)
+    entry = msgpack.unpackb(encode(u), raw=False)
+    assert {k: entry[k] for k in ("table", "key", "action", "value", "topic")} == u.to_dict()
+
+
+def test_unknown_keys_are_ignored():
+    data = msgpack.packb({"table": "t", "key": "k", "action": "set", "value": "v",
+                          "topic": "D", "future": [1, 2]})
+    assert decode(data).value == "v"
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "undecodable"),
+    (b"\xc1", "undecodable"),
+    (msgpack.packb([1, 2]), "not a map"),
+    (msgpack.packb({"table": "t"}), "lacks key, action, value, topic"),
+    (msgpack.packb({"table": 1, "key": "k", "action": "a", "value": "v", "topic": "D"}), "table"),
+    (msgpack.packb({"table": "t", "key": "k", "action": None, "value": "v", "topic": "D"}), "action"),
+    (msgpack.packb({"table": "t", "key": "k", "action": "a", "value": b"\xff", "topic": "D"}), "utf-8"),
+    (msgpack.packb({"table": "t", "key": "k", "action": "a", "value": "v", "topic": "D", "seq": -1}), "seq"),
+    (msgpack.packb({"table": "t", "key": "k", "action": "a", "value": "v", "topic": "D"}) + b"x", "undecodable"),
+    (msgpack.packb({1: 2}), "undecodable"),
+])
+def test_malformed_messages_raise_protocol_error(data, reason):
+    with pytest.raises(ProtocolError) as info:
+        decode(data, peer="tcp://10.0.0.1:8866")
+    assert reason in str(info.value)
+    assert info.value.peer == "tcp://10.0.0.1:8866"
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=200))
+def test_garbage_raises_only_protocol_error(data):
+    try:
+        decode(data)
+    except ProtocolError:
+        pass
+
+
+def test_unencodable_value_is_a_protocol_error_and_packer_recovers():
+    with pytest.raises(ProtocolError):
+        encode(DbUpdate("t", "k", "set", object()))
+    u = DbUpdate("t", "k", "set", "v")
+    assert decode(encode(u)) == u
