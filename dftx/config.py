@@ -1,0 +1,372 @@
+"""
+Configuration: one INI file per service, read into typed, validated settings.
+
+The schema is the dataclasses below: each field is one key, with its type
+(the parser), default and meaning, so the operator guide is generated from
+here and cannot drift.  L{load} refuses a file with an unknown section or key,
+a bad value, or a missing required key, with a L{ConfigError} that names the
+file, section and key.
+
+    [df]                    read by every service
+    [df_redis]              read by every service
+    [neutron_server]        read by twistd dfpublisher (role neutron_server)
+    [df_local_controller]   read by twistd dfcontroller (role df_local_controller)
+
+Comments start with C{#} or C{;}, on their own line or after a value
+(preceded by white space).
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.internet import endpoints
+
+from dftx.errors import ConfigError
+
+NEUTRON_SERVER = "neutron_server"
+LOCAL_CONTROLLER = "df_local_controller"
+ROLES = (NEUTRON_SERVER, LOCAL_CONTROLLER)
+COMMON_SECTIONS = ("df", "df_redis")
+
+Parser = Callable[[str], Any]
+
+
+def option(default: Any, parse: Parser, help: str, type: str, required: bool = False) -> Any:
+    """A settings field: C{default} (typed), the parser of its INI text, docs."""
+    return field(
+        default=default,
+        metadata={"parse": parse, "help": help, "type": type, "required": required},
+    )
+
+
+# Parsers: INI text -> value, or ValueError saying what is wrong.
+
+def choice(*allowed: str) -> Parser:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text
+    return parse
+
+
+def integer(minimum: int, maximum: int | None = None) -> Parser:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"{value} is out of range ({bound})")
+        return value
+    return parse
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def boolean(text: str) -> bool:
+    states = configparser.ConfigParser.BOOLEAN_STATES
+    if text.lower() not in states:
+        raise ValueError(f"{text!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
+    return states[text.lower()]
+
+
+def ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def text(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def optional_file(value: str) -> str:
+    if value and not os.access(value, os.R_OK):
+        raise ValueError(f"{value!r} is not a readable file")
+    return value
+
+
+def names(value: str) -> tuple[str, ...]:
+    """Comma-separated names; empty items are dropped."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def host_port(text: str) -> str:
+    """C{host:port} or C{[v6]:port}; returned as given, stripped."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not host:port")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"{text!r} is not host:port")
+        ip_address(host[1:-1])
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address as [addr]:port")
+    integer(1, 65535)(port)
+    return text
+
+
+def host_ports(value: str) -> tuple[str, ...]:
+    return tuple(host_port(item) for item in names(value))
+
+
+def server_endpoint(value: str) -> str:
+    """A Twisted server endpoint string (tcp:, unix:, ssl:, ...)."""
+    from twisted.internet import reactor  # not at import: twistd picks the reactor
+
+    try:
+        endpoints.serverFromString(reactor, value)
+    except Exception as e:  # parsers raise ValueError, TypeError, KeyError, OSError
+        raise ValueError(f"{value!r} is not a server endpoint: {e}") from None
+    return value
+
+
+def client_endpoint(value: str) -> str:
+    """A Twisted client endpoint string (tcp:, unix:, ssl:, ...)."""
+    from twisted.internet import reactor
+
+    try:
+        endpoints.clientFromString(reactor, value)
+    except Exception as e:
+        raise ValueError(f"{value!r} is not a client endpoint: {e}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class DfSettings:
+    """[df]: what every service reads."""
+
+    nb_db_driver: str = option(
+        "redis", choice("redis", "memory"), "NB database driver.", "redis | memory")
+    remote_db_hosts: tuple[str, ...] = option(
+        (), host_ports,
+        "Seed nodes of the Redis Cluster (any reachable ones; the rest are "
+        "discovered); required with the redis NB driver or a redis pub/sub driver.",
+        "comma-separated host:port")
+    pub_sub_driver: str = option(
+        "zmq", choice("zmq", "redis", "redis_sharded"),
+        "How NB updates travel: ZeroMQ through the publisher services, or "
+        "Redis (classic or sharded) pub/sub.", "zmq | redis | redis_sharded")
+    management_ip: str = option(
+        "127.0.0.1", ip_address,
+        "This host's address as others reach it: written in the registration "
+        "and chassis rows.", "IP address")
+    publisher_timeout: int = option(
+        300, integer(1),
+        "Seconds after which a publisher row that was not refreshed is stale "
+        "and removed (rows are refreshed every third of this).", "integer, seconds")
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """[df_redis]: the Redis client."""
+
+    retries: int = option(
+        3, integer(1), "Attempts per command before the error reaches the caller.",
+        "integer >= 1")
+    cluster_watch_interval: float = option(
+        3.0, seconds,
+        "Seconds between the publisher's CLUSTER SLOTS checks for topology changes.",
+        "seconds")
+    wait_replicas: int = option(
+        0, integer(0),
+        "Replicas each write waits for (Redis WAIT) before it is acknowledged.",
+        "integer >= 0")
+    tls: bool = option(False, boolean, "Connect to Redis over TLS.", "boolean")
+    ca_file: str = option(
+        "", optional_file, "CA certificates (PEM) that sign the Redis servers' "
+        "certificates; required with tls.", "path")
+    cert_file: str = option(
+        "", optional_file, "Client certificate (PEM) for TLS client authentication.",
+        "path")
+    key_file: str = option(
+        "", optional_file, "Private key (PEM) of cert_file.", "path")
+
+
+@dataclass(frozen=True)
+class NeutronServerSettings:
+    """[neutron_server]: the publisher service (twistd dfpublisher)."""
+
+    publisher_port: int = option(
+        8866, integer(1, 65535), "TCP port the ZeroMQ PUB socket binds.", "port")
+    publisher_bind_address: str = option(
+        "127.0.0.1", ip_address, "Address the ZeroMQ PUB socket binds.", "IP address")
+    pub_sub_use_multiproc: bool = option(
+        True, boolean,
+        "ZeroMQ only: API workers PUSH updates over ipc to the service, which "
+        "re-publishes them.", "boolean")
+    publisher_multiproc_socket: str = option(
+        "/run/dftx/publisher.sock", text, "Path of the ipc socket workers push to.",
+        "path")
+    http_endpoint: str = option(
+        "tcp:8080:interface=127.0.0.1", server_endpoint,
+        "Where /healthz, /metrics and /v1/status are served.",
+        "Twisted server endpoint string")
+
+
+@dataclass(frozen=True)
+class LocalControllerSettings:
+    """[df_local_controller]: the local controller (twistd dfcontroller)."""
+
+    chassis_name: str | None = option(
+        None, text, "This compute node's name: the key of its chassis row.", "text",
+        required=True)
+    publisher_port: int = option(
+        8867, integer(1, 65535),
+        "TCP port of the controller's own ZeroMQ publisher (port status).", "port")
+    publisher_bind_address: str = option(
+        "127.0.0.1", ip_address, "Address the controller's publisher binds.",
+        "IP address")
+    ovsdb_connection: str = option(
+        "tcp:127.0.0.1:6640", client_endpoint,
+        "The local ovsdb-server to monitor.", "Twisted client endpoint string")
+    tables: tuple[str, ...] = option(
+        ("lport", "lswitch", "lrouter", "secgroup", "chassis"), names,
+        "NB tables cached locally; updates for other tables are ignored.",
+        "comma-separated names")
+    topics: tuple[str, ...] = option(
+        (), names,
+        "Tenant topics to subscribe to beyond \"D\" (more can be added at run time).",
+        "comma-separated names")
+    db_sync_time: float = option(
+        120.0, seconds, "Seconds between periodic safety resyncs with the NB DB.",
+        "seconds")
+    http_endpoint: str = option(
+        "tcp:8090:interface=127.0.0.1", server_endpoint,
+        "Where /healthz, /metrics, /v1/status, /v1/tables and /v1/ports are served.",
+        "Twisted server endpoint string")
+
+
+SECTIONS: dict[str, type] = {
+    "df": DfSettings,
+    "df_redis": RedisSettings,
+    NEUTRON_SERVER: NeutronServerSettings,
+    LOCAL_CONTROLLER: LocalControllerSettings,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    Every section's settings (defaults where the file has no section).
+    C{role} is the service that loaded it, or None when loaded for all.
+    """
+
+    path: str
+    role: str | None
+    df: DfSettings
+    df_redis: RedisSettings
+    neutron_server: NeutronServerSettings
+    df_local_controller: LocalControllerSettings
+
+
+def load(path: str | os.PathLike[str], role: str | None = None) -> Config:
+    """
+    Read and validate C{path} for C{role} (one of L{ROLES}; None checks the
+    common sections and every role section present).
+
+    @raise ConfigError: naming the file, and the section and key when the
+        problem is with one.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, f"cannot read: {e}") from None
+    return parse(content, path, role)
+
+
+def parse(content: str, path: str = "<string>", role: str | None = None) -> Config:
+    """L{load} from text already read; C{path} names it in errors."""
+    if role is not None and role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    ini = configparser.ConfigParser(
+        interpolation=None,
+        comment_prefixes=("#", ";"),
+        inline_comment_prefixes=("#", ";"),
+        default_section="\0",  # [DEFAULT] is not special: it is an unknown section
+        strict=True,
+    )
+    try:
+        ini.read_string(content, source=path)
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(path, f"line {e.lineno}: set twice", e.section, e.option) from None
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(path, f"line {e.lineno}: section appears twice", e.section) from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(
+            path, f"line {e.lineno}: {e.line.strip()!r} comes before any [section]"
+        ) from None
+    except configparser.ParsingError as e:
+        lineno, line = e.errors[0]
+        raise ConfigError(path, f"line {lineno}: cannot parse {line.strip()!r}") from None
+
+    for section in ini.sections():
+        if section not in SECTIONS:
+            raise ConfigError(
+                path, f"unknown section (known: {', '.join(SECTIONS)})", section)
+    read = COMMON_SECTIONS + ((role,) if role else tuple(s for s in ROLES if ini.has_section(s)))
+    settings = {
+        name: _section(path, ini, name, cls, required=name in read)
+        for name, cls in SECTIONS.items()
+    }
+    config = Config(path=path, role=role, **settings)
+    _check_together(config)
+    return config
+
+
+def _section(path: str, ini: configparser.ConfigParser, name: str, cls: type,
+             required: bool) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    raw = ini[name] if ini.has_section(name) else {}
+    for key, text_value in raw.items():
+        if key not in fields:
+            raise ConfigError(
+                path, f"unknown key (known: {', '.join(fields)})", name, key)
+        try:
+            values[key] = fields[key].metadata["parse"](text_value.strip())
+        except ValueError as e:
+            raise ConfigError(path, str(e), name, key) from None
+    if required:
+        for key, f in fields.items():
+            if f.metadata["required"] and key not in values:
+                raise ConfigError(path, "required key is missing", name, key)
+    return cls(**values)
+
+
+def _check_together(config: Config) -> None:
+    """Rules that tie keys together."""
+    df, r = config.df, config.df_redis
+    needs_redis = df.nb_db_driver == "redis" or df.pub_sub_driver.startswith("redis")
+    if needs_redis and not df.remote_db_hosts:
+        raise ConfigError(
+            config.path,
+            f"required with nb_db_driver = {df.nb_db_driver} and "
+            f"pub_sub_driver = {df.pub_sub_driver}",
+            "df", "remote_db_hosts")
+    if r.tls and not r.ca_file:
+        raise ConfigError(config.path, "required when tls = true", "df_redis", "ca_file")
+    if bool(r.cert_file) != bool(r.key_file):
+        missing = "key_file" if r.cert_file else "cert_file"
+        raise ConfigError(
+            config.path, "cert_file and key_file go together", "df_redis", missing)
