@@ -317,8 +317,9 @@ def parse(content: str, path: str = "<string>", role: str | None = None) -> Conf
             path, f"line {e.lineno}: {e.line.strip()!r} comes before any [section]"
         ) from None
     except configparser.ParsingError as e:
-        lineno, line = e.errors[0]
-        raise ConfigError(path, f"line {lineno}: cannot parse {line.strip()!r}") from None
+        lineno = e.errors[0][0]
+        line = content.splitlines()[lineno - 1].strip()
+        raise ConfigError(path, f"line {lineno}: cannot parse {line!r}") from None
 
     for section in ini.sections():
         if section not in SECTIONS:
