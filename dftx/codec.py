@@ -21,15 +21,23 @@ _REQUIRED = ("table", "key", "action", "value", "topic")
 _packer = msgpack.Packer(use_bin_type=True)
 
 
-def encode(update: DbUpdate, publisher: str | None = None, seq: int | None = None) -> bytes:
+def encode(
+    update: DbUpdate,
+    publisher: str | None = None,
+    seq: int | None = None,
+    topic: str | None = None,
+) -> bytes:
     """
     @param publisher: the sender's id, stamped instead of C{update.publisher}.
     @param seq: the sequence number, stamped instead of C{update.seq}.
+    @param topic: the topic it is sent on, instead of C{update.topic}.
     @return: the msgpack bytes.
     @raise ProtocolError: when a field cannot be encoded (a value that is
         not text, bytes or None, say).
     """
     message = update.to_dict()
+    if topic is not None:
+        message["topic"] = topic
     publisher = update.publisher if publisher is None else publisher
     seq = update.seq if seq is None else seq
     if publisher is not None:

@@ -21,11 +21,11 @@ def test_round_trip(table, key, action, value, topic, publisher, seq):
     assert decode(encode(u)) == u
 
 
-def test_stamps_publisher_and_seq_without_changing_the_update():
+def test_stamps_publisher_seq_and_topic_without_changing_the_update():
     u = DbUpdate("lport", "k", "create", "{}")
-    d = decode(encode(u, publisher="pub-1", seq=7))
-    assert (d.publisher, d.seq) == ("pub-1", 7)
-    assert (u.publisher, u.seq) == (None, None)
+    d = decode(encode(u, publisher="pub-1", seq=7, topic="t9"))
+    assert (d.publisher, d.seq, d.topic) == ("pub-1", 7, "t9")
+    assert (u.publisher, u.seq, u.topic) == (None, None, "D")
 
 
 def test_decodes_what_dragonflow_sends():
