@@ -1,0 +1,16 @@
+"""
+The Redis Cluster client dftx is built on: slots (L{dftx.redis.slots}),
+topology (L{dftx.redis.topology}), endpoints and TLS
+(L{dftx.redis.endpoints}), the RESP protocol (L{dftx.redis.resp}), one
+reconnecting connection per node (L{dftx.redis.connection}) and the routing
+client (L{dftx.redis.cluster}).  Nothing here knows about the NB database or
+pub/sub; those layers build on it.
+"""
+
+from dftx.redis.cluster import ClusterClient, NotReplicated
+from dftx.redis.endpoints import TLSOptions
+from dftx.redis.resp import ReplyError
+from dftx.redis.slots import key_slot
+from dftx.redis.topology import Topology
+
+__all__ = ["ClusterClient", "NotReplicated", "ReplyError", "TLSOptions", "Topology", "key_slot"]
