@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
@@ -39,7 +39,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dftx.errors import ClusterDownError, DBConnectionError, ProtocolError
-from dftx.redis.connection import NodeConnection, ProtocolClass, Shared
+from dftx.redis.connection import NodeConnection, ProtocolClass
+from dftx.redis.deferreds import Shared, gather
 from dftx.redis.endpoints import NodeEndpoints, TLSOptions
 from dftx.redis.resp import ConnectionClosed, NodeUnreachable, ReplyError, RespProtocol
 from dftx.redis.slots import SLOTS
@@ -488,7 +489,7 @@ class ClusterClient:
                 raise DBConnectionError(None, "client not started")
             node: str | None = None
             try:
-                pages = await _gather(
+                pages = await gather(
                     self._scan_node(n, match, count) for n in topology.masters
                 )
                 if self.topology == topology:
@@ -527,13 +528,3 @@ def _raise_reply_error(reply: Any) -> Any:
     if isinstance(reply, ReplyError):
         raise reply
     return reply
-
-
-async def _gather(coros: Iterable[Awaitable[Any]]) -> list[Any]:
-    """Run coroutines together; the first exception (after all are done)."""
-    ds = [defer.ensureDeferred(c) for c in coros]
-    results = await defer.DeferredList(ds, consumeErrors=True)
-    for ok, value in results:
-        if not ok:
-            value.raiseException()
-    return [value for _, value in results]

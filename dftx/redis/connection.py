@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dftx.redis.deferreds import Shared
 from dftx.redis.resp import ConnectionClosed, NodeUnreachable, ReplyError, RespProtocol
 
 log = Logger()
@@ -252,28 +253,6 @@ class NodeConnection:
                 await d
         await self._service.stopService()
         self._proto = None
-
-
-class Shared:
-    """One result that any number of callers wait for."""
-
-    def __init__(self) -> None:
-        self._waiters: list[defer.Deferred[Any]] = []
-
-    def wait(self) -> defer.Deferred[Any]:
-        """A Deferred that fires with the result given to L{fire}."""
-        d: defer.Deferred[Any] = defer.Deferred()
-        self._waiters.append(d)
-        return d
-
-    def fire(self, result: Any) -> None:
-        """Give C{result} (a value or a Failure) to every waiter."""
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
 
 
 def _jitter() -> float:
