@@ -208,11 +208,12 @@ class ClusterClient:
 
         @return: Deferred firing with the new L{Topology}.
         """
-        shared = self._refreshing
-        if shared is None:
-            shared = self._refreshing = Shared()
-            defer.ensureDeferred(self._refresh()).addBoth(self._refreshed, shared)
-        return shared.wait()
+        if self._refreshing is not None:
+            return self._refreshing.wait()
+        shared = self._refreshing = Shared()
+        waiter = shared.wait()  # before starting: the refresh may end at once
+        defer.ensureDeferred(self._refresh()).addBoth(self._refreshed, shared)
+        return waiter
 
     def _refreshed(self, result: Any, shared: Shared) -> None:
         self._refreshing = None

@@ -273,6 +273,8 @@ class _WatchedEndpoint:
 
 
 class _Factory(protocol.Factory):
+    noisy = False
+
     def __init__(self, owner: NodeConnection) -> None:
         self._owner = owner
 
