@@ -1,0 +1,174 @@
+"""
+TLS (ssl: endpoint strings and [df_redis]-style TLS settings, hostname
+checked through service-identity) and AUTH, against a real redis-server
+listening with TLS.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer
+
+from dftx.db.redis import RedisDbDriver
+from dftx.errors import DBConnectionError
+from dftx.redis.endpoints import TLSOptions
+from dftx.servers import RedisServer, free_port
+
+aio = pytest_twisted.ensureDeferred
+
+
+def _name(cn):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject, key, issuer, issuer_key, names=(), ca=False):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if names:
+        sans = [
+            x509.IPAddress(ipaddress.ip_address(n)) if n[0].isdigit() else x509.DNSName(n)
+            for n in names
+        ]
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path, cert=None, key=None):
+    data = b""
+    if cert is not None:
+        data += cert.public_bytes(serialization.Encoding.PEM)
+    if key is not None:
+        data += key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for localhost/127.0.0.1, a client one."""
+    d = tmp_path_factory.mktemp("pki")
+    (d / "ca").mkdir()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("dftx test CA", ca_key, "dftx test CA", ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _cert("redis", server_key, "dftx test CA", ca_key, ["localhost", "127.0.0.1"])
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = _cert("dftx client", client_key, "dftx test CA", ca_key)
+    return {
+        "dir": d,
+        "ca_dir": str(d / "ca"),
+        "ca": _write(d / "ca" / "ca.pem", ca),
+        "server_cert": _write(d / "server.pem", server),
+        "server_key": _write(d / "server.key", key=server_key),
+        "client_cert": _write(d / "client.pem", client),
+        "client_key": _write(d / "client.key", key=client_key),
+    }
+
+
+@pytest.fixture(scope="module")
+def tls_server(pki):
+    """redis-server with a TLS port (and its plain port, for the harness)."""
+    tls_port = free_port()
+    server = RedisServer(
+        pki["dir"],
+        extra_args=[
+            "--tls-port", str(tls_port),
+            "--tls-cert-file", pki["server_cert"],
+            "--tls-key-file", pki["server_key"],
+            "--tls-ca-cert-file", pki["ca"],
+            "--tls-auth-clients", "optional",
+        ],
+    )
+    server.tls_port = tls_port
+    pytest_twisted.blockon(defer.ensureDeferred(server.start()))
+    yield server
+    pytest_twisted.blockon(defer.ensureDeferred(server.kill()))
+
+
+async def _roundtrip(driver, unique):
+    await driver.initialize()
+    try:
+        await driver.create_key(unique, "k", "über TLS")
+        assert await driver.get_key(unique, "k") == "über TLS"
+    finally:
+        await driver.close()
+
+
+@aio
+async def test_ssl_endpoint_string_checks_the_hostname(tls_server, pki, unique):
+    port, ca_dir = tls_server.tls_port, pki["ca_dir"]
+    await _roundtrip(RedisDbDriver(
+        [f"ssl:host=127.0.0.1:port={port}:caCertsDir={ca_dir}:hostname=localhost"]
+    ), unique)
+    # Without hostname=, the certificate is checked against the host: an IP.
+    await _roundtrip(RedisDbDriver([f"ssl:127.0.0.1:{port}:caCertsDir={ca_dir}"]), unique)
+    wrong = RedisDbDriver(
+        [f"ssl:host=127.0.0.1:port={port}:caCertsDir={ca_dir}:hostname=redis.example"],
+        retries=1,
+    )
+    with pytest.raises(DBConnectionError) as info:
+        await wrong.initialize()
+    await wrong.close()
+    # service-identity's verdict reaches the caller.
+    assert f"127.0.0.1:{port}" in str(info.value) and "DNSMismatch" in str(info.value)
+
+
+@aio
+async def test_tls_settings_with_client_certificate(tls_server, pki, unique):
+    address = f"127.0.0.1:{tls_server.tls_port}"
+    await _roundtrip(RedisDbDriver([address], tls=TLSOptions(pki["ca"])), unique)
+    await tls_server.cli("CONFIG", "SET", "tls-auth-clients", "yes")
+    try:
+        anonymous = RedisDbDriver([address], retries=1, tls=TLSOptions(pki["ca"]))
+        with pytest.raises(DBConnectionError):
+            await anonymous.initialize()
+        await anonymous.close()
+        await _roundtrip(RedisDbDriver([address], tls=TLSOptions(
+            pki["ca"], pki["client_cert"], pki["client_key"]
+        )), unique)
+    finally:
+        await tls_server.cli("CONFIG", "SET", "tls-auth-clients", "optional")
+    mismatch = RedisDbDriver(
+        [address], retries=1, tls=TLSOptions(pki["ca"], hostname="redis.example")
+    )
+    with pytest.raises(DBConnectionError):
+        await mismatch.initialize()
+    await mismatch.close()
+
+
+@aio
+async def test_auth_over_tls(tls_server, pki, unique):
+    address = f"127.0.0.1:{tls_server.tls_port}"
+    tls = TLSOptions(pki["ca"])
+    await tls_server.cli("CONFIG", "SET", "requirepass", "s3cret")
+    try:
+        await _roundtrip(RedisDbDriver([address], tls=tls, password="s3cret"), unique)
+        for password, reason in ((None, "NOAUTH"), ("wrong", "WRONGPASS")):
+            driver = RedisDbDriver([address], retries=1, tls=tls, password=password)
+            with pytest.raises(DBConnectionError) as info:
+                await driver.initialize()
+            await driver.close()
+            assert reason in str(info.value) and address in str(info.value)
+    finally:
+        await tls_server.cli("-a", "s3cret", "--no-auth-warning", "CONFIG", "SET", "requirepass", "")
