@@ -440,8 +440,6 @@ class ClusterClient:
             raise DBConnectionError(
                 node, f"{err.reason}; the command may or may not have run", slot
             )
-        if isinstance(err, DBConnectionError) and err.slot is None:
-            raise type(err)(err.node, err.reason, slot)
         failure.raiseException()
         raise AssertionError("unreachable")
 

@@ -168,15 +168,19 @@ class NodeEndpoints:
             if self._tls is None:
                 return plain
             return endpoints.wrapClientTLS(self._tls.client_options(host), plain)
+        return endpoints.clientFromString(self._reactor, self.description(address))
+
+    def description(self, address: str) -> str:
+        """The endpoint string for a node reached like an endpoint-string
+        host: its scheme and options, with C{address}'s host and port."""
+        d = self._by_address.get(address, self._template)
+        host, port = split_address(address)
         options = list(d.options)
         if d.scheme == "ssl" and not any(o.startswith("hostname=") for o in options):
             options.append(f"hostname={_escape(host)}")
         if not any(o.startswith("timeout=") for o in options):
             options.append(f"timeout={int(max(1, self._timeout))}")
-        description = ":".join(
-            [d.scheme, f"host={_escape(host)}", f"port={port}", *options]
-        )
-        return endpoints.clientFromString(self._reactor, description)
+        return ":".join([d.scheme, f"host={_escape(host)}", f"port={port}", *options])
 
     def _tcp(self, host: str, port: int) -> IStreamClientEndpoint:
         try:

@@ -1,0 +1,82 @@
+"""One reconnecting connection to a real node: pipelining, loss, restart."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from dftx.redis.connection import NodeConnection
+from dftx.redis.deferreds import gather
+from dftx.redis.endpoints import NodeEndpoints
+from dftx.redis.resp import ConnectionClosed, NodeUnreachable, ReplyError
+from dftx.servers import poll
+
+aio = pytest_twisted.ensureDeferred
+
+
+def connect(server):
+    return NodeConnection(
+        server.address, NodeEndpoints([server.address], reactor).endpoint(server.address),
+        reactor, timeout=2,
+    )
+
+
+@aio
+async def test_many_commands_in_flight_on_one_connection(redis_single, unique):
+    conn = connect(redis_single)
+    try:
+        # Issued before the connection is even up: queued, then pipelined.
+        replies = await gather(conn.execute("INCR", unique) for _ in range(2000))
+        assert replies == list(range(1, 2001))
+        # Ours and the redis-cli asking.
+        assert (await redis_single.info("clients"))["connected_clients"] == "2"
+        err = await conn.execute("HGET", unique, "x")
+        assert isinstance(err, ReplyError) and err.kind == "WRONGTYPE"
+    finally:
+        await conn.close()
+    with pytest.raises(NodeUnreachable):
+        await conn.execute("PING")
+
+
+@aio
+async def test_reconnects_after_restart_and_tells_listeners(redis_single):
+    conn = connect(redis_single)
+    connected, lost = [], []
+    conn.on_connected(connected.append)
+    conn.on_lost(lambda c, reason: lost.append(reason))
+    try:
+        assert await conn.execute("PING") == b"PONG"
+        in_flight = conn.execute("BLPOP", "never", 0)  # a reply that will not come
+        await redis_single.kill()
+        with pytest.raises(ConnectionClosed):
+            await in_flight
+        assert len(lost) == 1 and not conn.connected
+        # Down: commands fail at once (after the first failed attempt)
+        # instead of waiting for the backoff.
+        await poll(lambda: "down" in repr(conn), 5, "a failed reconnection attempt")
+        started = reactor.seconds()
+        with pytest.raises(NodeUnreachable) as info:
+            await conn.execute("PING")
+        assert reactor.seconds() - started < 0.1
+        assert info.value.node == redis_single.address and "refused" in str(info.value)
+        await redis_single.start()
+        await poll(lambda: conn.connected, 5, "reconnection")
+        assert await conn.execute("PING") == b"PONG"
+        assert len(connected) == 2 and connected[1] is conn.protocol
+    finally:
+        await conn.close()
+
+
+@aio
+async def test_wait_replicas_calls_in_one_turn_share_one_wait(redis_single, unique):
+    conn = connect(redis_single)
+    try:
+        await redis_single.cli("CONFIG", "RESETSTAT")
+        await conn.execute("SET", unique, "v")
+        counts = await gather(conn.wait_replicas(0, 0.1) for _ in range(10))
+        assert counts == [0] * 10
+        stats = (await redis_single.info("commandstats"))["cmdstat_wait"]
+        assert stats.startswith("calls=1,")
+    finally:
+        await conn.close()
