@@ -161,9 +161,15 @@ class ClusterClient:
         return self._owners[slot]
 
     def connection(self, address: str) -> NodeConnection:
-        """The shared connection to the node at C{address} (made on first use)."""
+        """
+        The shared connection to the node at C{address} (made on first use).
+
+        @raise NodeUnreachable: once the client is closed.
+        """
         conn = self._conns.get(address)
         if conn is None:
+            if self._closed:
+                raise NodeUnreachable(address, "client closed")
             conn = self._conns[address] = self.new_connection(address)
             conn.on_lost(self._connection_lost)
         return conn
@@ -404,7 +410,10 @@ class ClusterClient:
         slot: int,
         applied: list[Any],
     ) -> Any:
-        """Send once; return the reply or a Failure (never raise)."""
+        """Send once; return the reply or a Failure (raise only
+        L{NotReplicated}, and L{DBConnectionError} once closed)."""
+        if self._closed:
+            raise DBConnectionError(node, "client closed", slot)
         conn = self.connection(node)
         try:
             reply = await (conn.execute_asking(*args) if asking else conn.execute(*args))
