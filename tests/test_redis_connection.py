@@ -80,3 +80,13 @@ async def test_wait_replicas_calls_in_one_turn_share_one_wait(redis_single, uniq
         assert stats.startswith("calls=1,")
     finally:
         await conn.close()
+
+
+@aio
+async def test_close_fails_what_was_never_sent(redis_single):
+    conn = connect(redis_single)
+    queued = conn.execute("PING")  # not connected yet: queued
+    await conn.close()
+    with pytest.raises(NodeUnreachable) as info:
+        await queued
+    assert "closed" in str(info.value)

@@ -153,26 +153,24 @@ class NodeConnection:
             return defer.fail(NodeUnreachable(self.address, self._down))
         d: defer.Deferred[Any] = defer.Deferred()
         self._queue.append((data, replies, d))
-        if not self._awaiting:
+        self._await_connection()
+        return d
+
+    def _await_connection(self) -> None:
+        """Have the queue sent on the next connection (by L{_prepare}), or
+        failed when the next attempt fails."""
+        if self._queue and not self._awaiting and not self._closed:
             self._awaiting = True
             self._service.whenConnected(failAfterFailures=1).addCallbacks(
                 self._connect_done, self._connect_failed
             )
-        return d
 
     def _connect_done(self, proto: Any) -> None:
         self._awaiting = False
         if self._queue:
             # The service still saw the connection we just lost: wait for
-            # the next one.
-            self._reactor.callLater(0, self._rearm)
-
-    def _rearm(self) -> None:
-        if self._queue and not self._awaiting:
-            self._awaiting = True
-            self._service.whenConnected(failAfterFailures=1).addCallbacks(
-                self._connect_done, self._connect_failed
-            )
+            # the next one, once it has noticed.
+            self._reactor.callLater(0, self._await_connection)
 
     def _connect_failed(self, reason: Failure) -> None:
         self._awaiting = False
@@ -241,6 +239,9 @@ class NodeConnection:
         if self._closed:
             return defer.succeed(None)
         self._closed = True
+        queue, self._queue = self._queue, []
+        for _, _, d in queue:
+            d.errback(NodeUnreachable(self.address, "connection closed"))
         return defer.ensureDeferred(self._drain_and_stop())
 
     async def _drain_and_stop(self) -> None:
