@@ -217,7 +217,11 @@ class OneShardNode(protocol.Protocol):
                 port = self.transport.getHost().port
                 out = b"*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:%d\r\n" % port
             else:
+                self.replies.setdefault("log", []).append(command[0])
                 out = self.replies[command[0].decode()]
+            if out is None:  # hang up instead of answering
+                self.transport.loseConnection()
+                return
             self.transport.write(out)
 
 
@@ -227,7 +231,7 @@ async def odd_node():
     port = reactor.listenTCP(
         0, protocol.Factory.forProtocol(lambda: OneShardNode(replies)), interface="127.0.0.1"
     )
-    driver = RedisDbDriver(hosts=[f"127.0.0.1:{port.getHost().port}"], retries=1)
+    driver = RedisDbDriver(hosts=[f"127.0.0.1:{port.getHost().port}"], retries=2)
     await driver.initialize()
     yield driver, replies
     await driver.close()
@@ -255,3 +259,15 @@ async def test_unexpected_replies_are_protocol_errors(odd_node, command, reply, 
     replies[command] = reply
     err = await _raises(ProtocolError, call(driver))
     assert err.peer is None or err.peer.startswith("127.0.0.1:")
+
+
+@aio
+async def test_write_whose_wait_is_cut_off_is_resent_then_undone(odd_node):
+    driver, replies = odd_node
+    driver.wait_replicas = 1
+    replies.update({"SET": b"$-1\r\n", "WAIT": None, "EVAL": b":1\r\n"})
+    err = await _raises(DBConnectionError, driver.create_key("t", "k", "v"))
+    assert "the write was undone" in str(err)
+    # Sent, WAIT lost with the connection; sent again (a WAIT on a new
+    # connection would confirm nothing); out of attempts: undone.
+    assert replies["log"] == [b"SET", b"WAIT", b"SET", b"WAIT", b"EVAL"]
