@@ -322,3 +322,35 @@ async def test_tryagain_is_retried_and_clusterdown_ends_in_cluster_down_error(fa
         assert "CLUSTERDOWN" in str(info.value) and len(calls) == 6
     finally:
         await c.close()
+
+
+@aio
+async def test_moved_to_an_unknown_endpoint_means_same_host(fake_node):
+    other = fake_node(lambda command, port: one_shard(command, port) or b"$5\r\nthere\r\n")
+    other_port = other.rsplit(":", 1)[1]
+    slot = key_slot("k")
+
+    def answer(command, port):
+        return one_shard(command, port) or b"-MOVED %d :%s\r\n" % (slot, other_port.encode())
+
+    address = fake_node(answer)
+    c = ClusterClient([address], min_refresh_interval=60)
+    try:
+        await c.start()
+        assert await c.execute("GET", "k", slot=slot) == b"there"
+        assert c.owner(slot) == other
+    finally:
+        await c.close()
+
+
+@aio
+async def test_malformed_redirection_is_a_protocol_error(fake_node):
+    address = fake_node(lambda command, port: one_shard(command, port) or b"-MOVED soon\r\n")
+    c = ClusterClient([address])
+    try:
+        await c.start()
+        with pytest.raises(ProtocolError) as info:
+            await c.execute("GET", "k", slot=key_slot("k"))
+        assert info.value.peer == address
+    finally:
+        await c.close()

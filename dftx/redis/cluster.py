@@ -373,10 +373,10 @@ class ClusterClient:
                         raise DBConnectionError(
                             node, f"more than {MAX_REDIRECTS} redirections ({outcome.message})", slot
                         )
-                    target = self._redirect(outcome, node)
+                    moved_slot, target = self._redirect(outcome, node)
                     if outcome.kind == "MOVED":
                         self.stats["moved"] += 1
-                        self._owners[slot] = target
+                        self._owners[moved_slot] = target
                         self._refresh_soon()
                     else:
                         self.stats["ask"] += 1
@@ -452,15 +452,15 @@ class ClusterClient:
         failure.raiseException()
         raise AssertionError("unreachable")
 
-    def _redirect(self, reply: ReplyError, node: str | None) -> str:
+    def _redirect(self, reply: ReplyError, node: str | None) -> tuple[int, str]:
+        """The slot and node of C{MOVED slot host:port} / C{ASK ...}."""
         parts = reply.message.split()
-        if len(parts) != 3 or not parts[1].isdigit():
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= SLOTS:
             raise ProtocolError(f"bad redirection {reply.message!r}", node)
         target = parts[2]
         if target.startswith(":"):  # unknown endpoint: same host, that port
-            host = (node or "").rpartition(":")[0]
-            target = host + target
-        return target
+            target = (node or "").rpartition(":")[0] + target
+        return int(parts[1]), target
 
     def _sleep(self, attempt: int) -> defer.Deferred[None]:
         delay = min(self._max_backoff, self._backoff * 2 ** (attempt - 2))
