@@ -1,0 +1,524 @@
+"""
+ZeroMQ publish/subscribe (txzmq), as Dragonflow's ZMQ driver: no broker.
+
+- A publisher made with C{bind} is a PUB socket bound at that address (tcp,
+  ipc, any ZeroMQ address); subscribers connect to it.
+- A publisher made with C{relay} is a PUSH socket connected to the relay's
+  address (ipc, for the API worker processes of one host); the publisher
+  service's L{ZmqRelay} PULLs there and re-publishes every message,
+  unchanged, on its PUB socket.
+- A subscriber is one SUB socket connected to any number of publisher
+  addresses, added and removed at run time.
+
+A message is two frames, C{[topic, msgpack map]}, as Dragonflow sends
+them.  ZeroMQ subscriptions match by prefix, so they are only a first
+filter: L{SubscriberBase} delivers a message only when its topic is exactly
+a registered one ("t1" never gets "t10").
+
+Sending never blocks the reactor; every send uses NOBLOCK:
+
+- PUB never refuses a message.  A subscriber that falls C{hwm} messages
+  behind loses messages (ZeroMQ drops them for that subscriber only, so a
+  slow node cannot stall the others); it sees the sequence gap and resyncs.
+- PUSH (with ZMQ_IMMEDIATE) refuses (EAGAIN) while the relay is not
+  connected or C{hwm} messages are already queued for it.  The message then waits in a local queue of at
+  most C{send_queue} messages, and its Deferred fires once ZeroMQ took it;
+  later sends queue behind it, so order is kept.  With the queue full,
+  C{send_event} errbacks at once with L{PublishError}.
+
+Closing: C{close()} waits up to C{linger} seconds for the local queue to
+drain, then errbacks what is still in it with L{PublishError} (those
+messages were never acknowledged), then closes the socket with ZeroMQ's
+LINGER set to C{linger}: ZeroMQ goes on delivering what it accepted for that
+long, in its own thread.  The process's ZeroMQ context is terminated at
+reactor shutdown, which waits (at most C{linger}) for that delivery.  What
+can still be lost of an acknowledged message: PUB messages for subscribers
+that are not connected or are C{hwm} behind (by design; they resync), and
+PUSH messages the relay did not take within C{linger} after close.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, deque
+from typing import Callable, Sequence
+
+import zmq
+from twisted.internet import defer
+from twisted.logger import Logger
+from txzmq import ZmqFactory
+from txzmq.connection import ZmqConnection
+from zope.interface import implementer
+
+from dftx.codec import decode
+from dftx.errors import ProtocolError, PublishError, SubscribeError
+from dftx.pubsub.api import (
+    Callback, IPubSub, IPublisher, ISubscriber, PublisherBase, SubscriberBase,
+)
+from dftx.update import SEND_ALL_TOPIC
+
+DEFAULT_HWM = 100_000
+"""ZeroMQ high-water mark (messages) of every socket, per peer."""
+DEFAULT_SEND_QUEUE = 10_000
+"""Messages a PUSH publisher holds while ZeroMQ refuses them."""
+DEFAULT_LINGER = 1.0
+"""Seconds that closing waits for queued messages to go out."""
+READ_BUDGET = 1000
+"""Messages read per reactor turn before letting other work run."""
+
+log = Logger()
+_factory: ZmqFactory | None = None
+
+
+def factory() -> ZmqFactory:
+    """
+    The process's one ZeroMQ context (in a txzmq factory), terminated at
+    reactor shutdown.
+    """
+    global _factory
+    if _factory is None:
+        _factory = ZmqFactory()
+        _factory.registerForShutdown()
+    return _factory
+
+
+class ZmqSocket(ZmqConnection):
+    """
+    One ZeroMQ socket in the reactor: sends that never block (a bounded
+    queue while ZeroMQ refuses), and reads drained until EVENTS shows no
+    POLLIN (the ZeroMQ fd is edge-triggered), at most L{READ_BUDGET} per
+    reactor turn.
+
+    @param on_message: called with each received message (a list of
+        frames); its exceptions are logged, never raised.
+    @param name: what the socket is, for errors and logs.
+    """
+
+    def __init__(
+        self,
+        socket_type: int,
+        name: str,
+        hwm: int = DEFAULT_HWM,
+        send_queue: int = DEFAULT_SEND_QUEUE,
+        on_message: Callable[[list[bytes]], None] | None = None,
+    ) -> None:
+        self.socketType = socket_type
+        self.highWaterMark = hwm
+        self.name = name
+        self._send_queue = send_queue
+        self._pending: deque[tuple[Sequence[bytes], defer.Deferred[None]]] = deque()
+        self._drained: list[defer.Deferred[None]] = []
+        self._on_message = on_message
+        self._later = None
+        super().__init__(factory())
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting in the local queue."""
+        return len(self._pending)
+
+    def bind(self, address: str) -> str:
+        """Bind; @return: the address bound (a wildcard port resolved)."""
+        self.socket.bind(address)
+        return self.socket.get(zmq.LAST_ENDPOINT).decode()
+
+    def connect(self, address: str) -> None:
+        self.socket.connect(address)
+
+    def disconnect(self, address: str) -> None:
+        self.socket.disconnect(address)
+
+    def send_frames(self, frames: Sequence[bytes], topic: str | None = None) -> defer.Deferred[None]:
+        """
+        Send one message without blocking.
+
+        @return: Deferred firing with None once ZeroMQ accepted the message;
+            errbacks with L{PublishError} when the socket is closed, the
+            local queue is full, or ZeroMQ fails.
+        """
+        if self.socket is None:
+            return defer.fail(PublishError(topic, "socket is closed", self.name))
+        if not self._pending:
+            try:
+                self.socket.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                self._wake()
+            except zmq.ZMQError as e:
+                return defer.fail(PublishError(topic, str(e), self.name))
+            else:
+                return defer.succeed(None)
+        if len(self._pending) >= self._send_queue:
+            return defer.fail(PublishError(
+                topic, f"send queue full ({self._send_queue} messages waiting)", self.name))
+        d: defer.Deferred[None] = defer.Deferred()
+        self._pending.append((frames, d))
+        return d
+
+    def _wake(self) -> None:
+        """Look at EVENTS in the next reactor turn."""
+        if self._later is None or not self._later.active():
+            self._later = self.factory.reactor.callLater(0, self.doRead)
+
+    def doRead(self) -> None:
+        if self._later is not None and self._later.active():
+            self._later.cancel()
+        self._later = None
+        budget = READ_BUDGET
+        while self.socket is not None:
+            events = self.socket.get(zmq.EVENTS)
+            if self._pending and events & zmq.POLLOUT and self._flush():
+                continue
+            if not events & zmq.POLLIN:
+                return
+            if budget == 0:
+                self._wake()
+                return
+            budget -= 1
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            try:
+                self._on_message(frames)  # type: ignore[misc]
+            except Exception:
+                log.failure("{name}: message handler failed", name=self.name)
+
+    def _flush(self) -> bool:
+        """Send queued messages until ZeroMQ refuses; @return: progress made."""
+        progress = False
+        while self._pending and self.socket is not None:
+            frames, d = self._pending[0]
+            try:
+                self.socket.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except zmq.ZMQError as e:
+                self._pending.popleft()
+                d.errback(PublishError(None, str(e), self.name))
+            else:
+                self._pending.popleft()
+                d.callback(None)
+            progress = True
+        if not self._pending:
+            drained, self._drained = self._drained, []
+            for waiter in drained:
+                waiter.callback(None)
+        return progress
+
+    def close(self, linger: float = DEFAULT_LINGER) -> defer.Deferred[None]:
+        """
+        Wait up to C{linger} seconds for the local queue to drain, fail what
+        is left, close the socket with ZeroMQ LINGER C{linger}.
+
+        @return: Deferred firing with None once the socket is closed.
+        """
+        if self.socket is None:
+            return defer.succeed(None)
+        if self._pending:
+            waiter: defer.Deferred[None] = defer.Deferred()
+            self._drained.append(waiter)
+            waiter.addTimeout(linger, self.factory.reactor, onTimeoutCancel=lambda *_: None)
+            return waiter.addBoth(lambda _: self._close(linger))
+        self._close(linger)
+        return defer.succeed(None)
+
+    def _close(self, linger: float) -> None:
+        if self.socket is None:
+            return
+        pending, self._pending = self._pending, deque()
+        self._drained = []
+        for _, d in pending:
+            d.errback(PublishError(None, f"closed with the message unsent after {linger}s",
+                                   self.name))
+        if self._later is not None and self._later.active():
+            self._later.cancel()
+        self._later = None
+        self.socket.set(zmq.LINGER, int(linger * 1000))
+        self.shutdown()
+
+
+@implementer(IPublisher)
+class ZmqPublisher(PublisherBase):
+    """
+    A PUB socket bound at C{bind}, or a PUSH socket connected to the relay
+    at C{relay} (exactly one of them).  L{uri} is where subscribers connect
+    once initialized (the bound address, wildcard port resolved).
+    """
+
+    def __init__(
+        self,
+        bind: str | None = None,
+        relay: str | None = None,
+        publisher_id: str | None = None,
+        hwm: int = DEFAULT_HWM,
+        send_queue: int = DEFAULT_SEND_QUEUE,
+        linger: float = DEFAULT_LINGER,
+    ) -> None:
+        if (bind is None) == (relay is None):
+            raise ValueError("a ZeroMQ publisher needs exactly one of bind and relay")
+        super().__init__(publisher_id)
+        self.address = bind or relay
+        self.uri: str | None = None
+        self._push = relay is not None
+        self._hwm = hwm
+        self._send_queue = send_queue
+        self._linger = linger
+        self._socket: ZmqSocket | None = None
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting in the local queue (PUSH only)."""
+        return self._socket.queued if self._socket else 0
+
+    def initialize(self) -> defer.Deferred[None]:
+        """
+        Bind the PUB socket, or connect the PUSH socket (which succeeds
+        before the relay exists: messages queue until it does).
+
+        @return: Deferred firing with None; errbacks with L{PublishError}
+            when the address cannot be bound or is not a ZeroMQ address.
+        """
+        kind = "PUSH" if self._push else "PUB"
+        sock = ZmqSocket(zmq.PUSH if self._push else zmq.PUB, f"zmq {kind} {self.address}",
+                         self._hwm, self._send_queue)
+        try:
+            if self._push:
+                # Queue only on a completed connection: until the relay is
+                # there, sends wait in the local queue, where close() can
+                # report them, instead of in a pipe that close() drops.
+                sock.socket.set(zmq.IMMEDIATE, 1)
+                sock.connect(self.address)
+                self.uri = self.address
+            else:
+                self.uri = sock.bind(self.address)
+        except zmq.ZMQError as e:
+            sock.close(0)
+            verb = "connect to" if self._push else "bind"
+            return defer.fail(PublishError(None, f"cannot {verb} {self.address}: {e}",
+                                           self.address))
+        self._socket = sock
+        return defer.succeed(None)
+
+    def _send(self, topic: str, data: bytes) -> defer.Deferred[None]:
+        return self.send_raw(topic.encode("utf-8"), data)
+
+    def send_raw(self, topic: bytes, data: bytes) -> defer.Deferred[None]:
+        """
+        Send an already-encoded message unchanged (what L{ZmqRelay} does);
+        same order and acknowledgement as C{send_event}.
+        """
+        if self._socket is None:
+            return defer.fail(PublishError(topic.decode("utf-8", "replace"),
+                                           "publisher is not initialized or closed",
+                                           self.address))
+        return self._socket.send_frames((topic, data), topic.decode("utf-8", "replace"))
+
+    def close(self) -> defer.Deferred[None]:
+        """@return: Deferred firing with None once the socket is closed (see
+        the module docstring for what waits and for how long)."""
+        sock, self._socket = self._socket, None
+        return sock.close(self._linger) if sock else defer.succeed(None)
+
+
+def _split(frames: list[bytes]) -> tuple[str, bytes]:
+    """(topic, data) of a two-frame message; L{ProtocolError} otherwise."""
+    if len(frames) != 2:
+        raise ProtocolError(f"message of {len(frames)} frames, not 2 (topic, data)")
+    try:
+        return frames[0].decode("utf-8"), frames[1]
+    except UnicodeDecodeError:
+        raise ProtocolError(f"topic {frames[0][:40]!r} is not utf-8") from None
+
+
+@implementer(ISubscriber)
+class ZmqSubscriber(SubscriberBase):
+    """
+    One SUB socket connected to every registered publisher address.
+    L{initialize} subscribes to C{"D"} (L{SEND_ALL_TOPIC}) as well as to
+    the topics registered so far.  ZeroMQ does not say which publisher
+    sent a message, so undecodable messages are logged once per
+    subscriber rather than per peer.
+    """
+
+    def __init__(self, hwm: int = DEFAULT_HWM) -> None:
+        super().__init__()
+        self._hwm = hwm
+        self._socket: ZmqSocket | None = None
+        self._warned = False
+
+    def initialize(self, callback: Callback) -> defer.Deferred[None]:
+        """@return: Deferred firing with None once the socket is subscribed
+        and connected to the addresses registered so far."""
+        self._set_callback(callback)
+        self.topics.add(SEND_ALL_TOPIC)
+        self._socket = ZmqSocket(zmq.SUB, "zmq SUB", self._hwm, on_message=self._frames)
+        for topic in self.topics:
+            self._socket.socket.subscribe(topic.encode("utf-8"))
+        for uri in list(self.addresses):
+            try:
+                self._socket.connect(uri)
+            except zmq.ZMQError as e:
+                self.addresses.discard(uri)
+                return defer.fail(SubscribeError(uri, str(e)))
+        return defer.succeed(None)
+
+    def _frames(self, frames: list[bytes]) -> None:
+        try:
+            topic, data = _split(frames)
+        except ProtocolError as e:
+            self.counters["received"] += 1
+            self.counters["undecodable"] += 1
+            if not self._warned:
+                self._warned = True
+                self.log.warn("dropping malformed ZeroMQ message: {error}", error=e)
+            return
+        self._message(topic, data, self._socket.name if self._socket else None)
+
+    def register_topic(self, topic: str) -> defer.Deferred[None]:
+        if topic not in self.topics:
+            self.topics.add(topic)
+            if self._socket is not None:
+                self._socket.socket.subscribe(topic.encode("utf-8"))
+        return defer.succeed(None)
+
+    def unregister_topic(self, topic: str) -> defer.Deferred[None]:
+        if topic in self.topics:
+            self.topics.discard(topic)
+            if self._socket is not None:
+                self._socket.socket.unsubscribe(topic.encode("utf-8"))
+        return defer.succeed(None)
+
+    def register_listen_address(self, uri: str) -> defer.Deferred[None]:
+        """
+        Connect to the publisher at C{uri} (ZeroMQ connects in the
+        background and reconnects by itself).  @return: Deferred firing
+        with None; errbacks with L{SubscribeError} for an address ZeroMQ
+        cannot use.
+        """
+        if uri in self.addresses:
+            return defer.succeed(None)
+        if self._socket is not None:
+            try:
+                self._socket.connect(uri)
+            except zmq.ZMQError as e:
+                return defer.fail(SubscribeError(uri, str(e)))
+        self.addresses.add(uri)
+        return defer.succeed(None)
+
+    def unregister_listen_address(self, uri: str) -> defer.Deferred[None]:
+        if uri in self.addresses:
+            self.addresses.discard(uri)
+            if self._socket is not None:
+                try:
+                    self._socket.disconnect(uri)
+                except zmq.ZMQError as e:  # e.g. ENOENT: never completed
+                    log.debug("disconnect {uri}: {error}", uri=uri, error=e)
+        return defer.succeed(None)
+
+    def close(self) -> defer.Deferred[None]:
+        sock, self._socket = self._socket, None
+        return sock.close(0) if sock else defer.succeed(None)
+
+
+class ZmqRelay:
+    """
+    The publisher service's side of multiproc: a PULL socket bound at
+    C{address} (ipc) whose messages are re-published, unchanged (the
+    writers' publisher ids and sequence numbers kept), by C{publisher}.
+    A message that is not two frames C{[utf-8 topic, decodable update]}
+    is counted (C{counters["malformed"]}), logged once, and dropped.
+    """
+
+    log = Logger()
+
+    def __init__(self, address: str, publisher: ZmqPublisher, hwm: int = DEFAULT_HWM) -> None:
+        self.address = address
+        self.publisher = publisher
+        self.counters: Counter[str] = Counter()
+        self._hwm = hwm
+        self._socket: ZmqSocket | None = None
+        self._warned = False
+
+    def start(self) -> None:
+        """Bind the PULL socket; @raise PublishError: when it cannot."""
+        sock = ZmqSocket(zmq.PULL, f"zmq PULL {self.address}", self._hwm,
+                         on_message=self._frames)
+        try:
+            sock.bind(self.address)
+        except zmq.ZMQError as e:
+            sock.close(0)
+            raise PublishError(None, f"cannot bind {self.address}: {e}", self.address) from None
+        self._socket = sock
+
+    def _frames(self, frames: list[bytes]) -> None:
+        try:
+            topic, data = _split(frames)
+            decode(data, self.address)
+        except ProtocolError as e:
+            self.counters["malformed"] += 1
+            if not self._warned:
+                self._warned = True
+                self.log.warn("relay: dropping malformed message: {error}", error=e)
+            return
+        self.counters["relayed"] += 1
+        self.publisher.send_raw(frames[0], data).addErrback(self._failed)
+
+    def _failed(self, failure) -> None:
+        self.counters["publish_errors"] += 1
+        self.log.failure("relay: re-publish failed", failure)
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the PULL socket and remove its ipc file."""
+        sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close(0)
+        if self.address.startswith("ipc://"):
+            try:
+                os.unlink(self.address[len("ipc://"):])
+            except FileNotFoundError:
+                pass
+        return defer.succeed(None)
+
+
+@implementer(IPubSub)
+class ZmqPubSub:
+    """
+    Makes ZeroMQ publishers and subscribers.
+
+    @param bind: the address publishers bind their PUB socket at
+        (C{"tcp://127.0.0.1:8866"}, C{"ipc:///path"}, C{"tcp://127.0.0.1:*"}).
+    @param relay: instead of C{bind}: the relay's address (C{"ipc:///path"})
+        that publishers PUSH to (API worker processes).
+    @param hwm: ZeroMQ high-water mark of each socket, in messages.
+    @param send_queue: messages a PUSH publisher holds while ZeroMQ refuses.
+    @param linger: seconds closing waits for queued messages.
+
+    An instance made with neither serves subscribers only.
+    """
+
+    def __init__(
+        self,
+        bind: str | None = None,
+        relay: str | None = None,
+        hwm: int = DEFAULT_HWM,
+        send_queue: int = DEFAULT_SEND_QUEUE,
+        linger: float = DEFAULT_LINGER,
+    ) -> None:
+        if bind is not None and relay is not None:
+            raise ValueError("give bind or relay, not both")
+        self.bind = bind
+        self.relay = relay
+        self.hwm = hwm
+        self.send_queue = send_queue
+        self.linger = linger
+
+    def get_publisher(self, publisher_id: str | None = None) -> ZmqPublisher:
+        """@raise ValueError: on an instance made without bind or relay."""
+        if self.bind is None and self.relay is None:
+            raise ValueError("this ZmqPubSub was made without bind or relay: no publisher")
+        return ZmqPublisher(self.bind, self.relay, publisher_id, self.hwm,
+                            self.send_queue, self.linger)
+
+    def get_subscriber(self) -> ZmqSubscriber:
+        return ZmqSubscriber(self.hwm)
+
