@@ -167,8 +167,8 @@ class RespProtocol(protocol.Protocol):
 
     def _close(self, reason: Failure) -> None:
         """Fail everything in flight with C{reason} and drop the connection."""
-        self._fail_pending(reason)
         self.closed = True
+        self._fail_pending(reason)
         self.transport.abortConnection()
 
     def _fail_pending(self, reason: Failure) -> None:
