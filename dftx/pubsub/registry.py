@@ -1,0 +1,328 @@
+"""
+How publishers find each other: table C{publisher} of the NB database.
+
+Every publisher (either role) keeps a row there (L{Registration}): key its
+id, value the JSON text of C{{id, uri, role, last_activity_timestamp}}
+(seconds since the epoch).  The row is written at start, refreshed every
+C{timeout / 3} seconds and deleted on a clean stop; the publisher service
+also deletes rows that were not refreshed for C{timeout} seconds
+(L{remove_stale}), which is what is left of a publisher that was killed.
+
+A subscriber follows the publishers of the I{other} role (L{Discovery}): it
+reads the table at start and every C{interval} seconds, connects to the
+uri of every live row of that role and disconnects from uris whose rows are
+gone or stale.  Between reads, two things make it react sooner: a
+publisher announces its own row's creation and deletion as a L{DbUpdate} of
+table C{publisher} on C{"D"} (so its subscribers drop it at once on a clean
+stop), and the owner of the subscriber passes every update it receives to
+L{Discovery.observe}, which acts on those and re-reads the table on a
+C{dbrestart} or C{sync}.  A new publisher cannot announce itself to
+subscribers that are not yet connected to it, so it is found by the
+periodic read, within C{interval} seconds.
+
+Staleness compares the writer's wall clock with the reader's: hosts need
+clocks that agree to well within C{timeout}.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dftx.config import LOCAL_CONTROLLER, NEUTRON_SERVER
+from dftx.errors import DBKeyNotFound, DftxError, ProtocolError
+from dftx.update import CREATE, DELETE, SET, DbUpdate
+
+PUBLISHER_TABLE = "publisher"
+ROLES = (NEUTRON_SERVER, LOCAL_CONTROLLER)
+
+log = Logger()
+
+
+def other_role(role: str) -> str:
+    """The role whose publishers a subscriber of C{role} follows."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r} (known: {', '.join(ROLES)})")
+    return LOCAL_CONTROLLER if role == NEUTRON_SERVER else NEUTRON_SERVER
+
+
+@dataclass(frozen=True)
+class PublisherRow:
+    """One row of table C{publisher}."""
+
+    id: str
+    uri: str
+    role: str
+    last_activity_timestamp: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PublisherRow:
+        """@raise ProtocolError: for anything but such a row."""
+        try:
+            data = json.loads(text)
+            row = cls(str(data["id"]), str(data["uri"]), str(data["role"]),
+                      float(data["last_activity_timestamp"]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise ProtocolError(f"bad {PUBLISHER_TABLE} row {text[:80]!r}: {e!r}") from None
+        return row
+
+    def stale(self, now: float, timeout: float) -> bool:
+        """Not refreshed for more than C{timeout} seconds at C{now}."""
+        return now - self.last_activity_timestamp > timeout
+
+
+async def read_rows(db: Any) -> list[PublisherRow]:
+    """Every well-formed row of table C{publisher}; bad rows are logged and skipped."""
+    rows = []
+    for text in await db.get_all_entries(PUBLISHER_TABLE):
+        try:
+            rows.append(PublisherRow.from_json(text))
+        except ProtocolError as e:
+            log.warn("{error}", error=e)
+    return rows
+
+
+async def remove_stale(db: Any, timeout: float, now: float) -> list[str]:
+    """
+    Delete the rows of table C{publisher} not refreshed for C{timeout}
+    seconds at C{now}.  @return: the ids deleted (a row another cleaner
+    deleted first is not an error).
+    """
+    removed = []
+    for row in await read_rows(db):
+        if row.stale(now, timeout):
+            try:
+                await db.delete_key(PUBLISHER_TABLE, row.id)
+            except DBKeyNotFound:
+                continue
+            log.info("removed stale publisher {id} ({role}, {uri})",
+                     id=row.id, role=row.role, uri=row.uri)
+            removed.append(row.id)
+    return removed
+
+
+class Registration(service.Service):
+    """
+    Keeps this publisher's row: written at start (L{started} fires once it
+    is), refreshed every C{timeout / 3} seconds, deleted at stop.  With
+    C{publisher}, the creation and the deletion are also published on
+    C{"D"}.  With C{clean_stale} (the publisher service), every refresh
+    also runs L{remove_stale}.  A failed refresh is logged and retried at
+    the next one.
+    """
+
+    def __init__(
+        self,
+        db: Any,
+        publisher_id: str,
+        uri: str,
+        role: str,
+        timeout: float,
+        publisher: Any = None,
+        clean_stale: bool = False,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        other_role(role)  # validates
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.db = db
+        self.id = publisher_id
+        self.uri = uri
+        self.role = role
+        self.timeout = timeout
+        self.publisher = publisher
+        self.clean_stale = clean_stale
+        self.clock = clock
+        self.refreshes = 0
+        self.removed: list[str] = []
+        self.started: defer.Deferred[None] = defer.Deferred()
+        self._loop: task.LoopingCall | None = None
+
+    def row(self) -> PublisherRow:
+        return PublisherRow(self.id, self.uri, self.role, self.clock.seconds())
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.timeout / 3, now=False)
+        defer.ensureDeferred(self._first()).chainDeferred(self.started)
+
+    async def _first(self) -> None:
+        row = self.row()
+        await self.db.create_key(PUBLISHER_TABLE, self.id, row.to_json())
+        await self._announce(CREATE, row.to_json())
+        if self.clean_stale:
+            await self._clean()
+
+    def _tick(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._refresh())
+
+    async def _refresh(self) -> None:
+        try:
+            await self.db.create_key(PUBLISHER_TABLE, self.id, self.row().to_json())
+            self.refreshes += 1
+        except DftxError as e:
+            log.warn("refreshing publisher row {id} failed: {error}", id=self.id, error=e)
+        if self.clean_stale:
+            await self._clean()
+
+    async def _clean(self) -> None:
+        try:
+            self.removed += await remove_stale(self.db, self.timeout, self.clock.seconds())
+        except DftxError as e:
+            log.warn("stale publisher cleanup failed: {error}", error=e)
+
+    async def _announce(self, action: str, value: str | None) -> None:
+        if self.publisher is None:
+            return
+        try:
+            await self.publisher.send_event(DbUpdate(PUBLISHER_TABLE, self.id, action, value))
+        except DftxError as e:
+            log.warn("announcing publisher {id} failed: {error}", id=self.id, error=e)
+
+    def stopService(self) -> defer.Deferred[None]:
+        """@return: Deferred firing once the row is deleted (or that failed,
+        which is logged: the row then goes stale)."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        try:
+            await self.db.delete_key(PUBLISHER_TABLE, self.id)
+        except DBKeyNotFound:
+            pass
+        except DftxError as e:
+            log.warn("deleting publisher row {id} failed: {error}", id=self.id, error=e)
+        await self._announce(DELETE, None)
+
+
+class Discovery(service.Service):
+    """
+    Connects C{subscriber} to every live publisher of the role other than
+    C{role} and disconnects it from those that are gone (see the module
+    docstring).  L{ready} fires after the first read of the table.  Only
+    addresses it connected are ever disconnected.
+
+    @param interval: seconds between reads of the table (default
+        C{timeout / 3}).
+    """
+
+    def __init__(
+        self,
+        db: Any,
+        subscriber: Any,
+        role: str,
+        timeout: float,
+        interval: float | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.db = db
+        self.subscriber = subscriber
+        self.role = role
+        self.follows = other_role(role)
+        self.timeout = timeout
+        self.interval = interval or timeout / 3
+        self.clock = clock
+        self.rows: dict[str, PublisherRow] = {}
+        self.connected: set[str] = set()
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self._loop: task.LoopingCall | None = None
+        self._waiters: list[defer.Deferred[None]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        self.refresh().chainDeferred(self.ready)
+        self._loop = task.LoopingCall(self.refresh)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> defer.Deferred[None]:
+        """@return: Deferred firing once disconnected from what it connected."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return defer.ensureDeferred(self._sync(set()))
+
+    def refresh(self) -> defer.Deferred[None]:
+        """
+        Read the table now and connect/disconnect accordingly (a read
+        already under way is joined).  A failed read is logged and leaves
+        the connections as they are.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(d)
+        if len(self._waiters) == 1:
+            defer.ensureDeferred(self._read()).addBoth(self._read_done)
+        return d
+
+    def _read_done(self, result: Any) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+        if isinstance(result, Failure):
+            log.failure("reading table {table} failed", result, table=PUBLISHER_TABLE)
+
+    async def _read(self) -> None:
+        try:
+            rows = await read_rows(self.db)
+        except DftxError as e:
+            log.warn("reading table {table} failed: {error}", table=PUBLISHER_TABLE, error=e)
+            return
+        self.rows = {r.id: r for r in rows if r.role == self.follows}
+        await self._sync(self._live())
+
+    def _live(self) -> set[str]:
+        now = self.clock.seconds()
+        return {r.uri for r in self.rows.values() if not r.stale(now, self.timeout)}
+
+    async def _sync(self, wanted: set[str]) -> None:
+        for uri in sorted(wanted - self.connected):
+            try:
+                await self.subscriber.register_listen_address(uri)
+            except DftxError as e:
+                log.warn("cannot connect to publisher {uri}: {error}", uri=uri, error=e)
+                continue
+            self.connected.add(uri)
+            log.info("connected to publisher {uri}", uri=uri)
+        for uri in sorted(self.connected - wanted):
+            await self.subscriber.unregister_listen_address(uri)
+            self.connected.discard(uri)
+            log.info("disconnected from publisher {uri}", uri=uri)
+
+    def observe(self, update: DbUpdate) -> defer.Deferred[None]:
+        """
+        Act on an update the subscriber received: a row of table
+        C{publisher} created, set or deleted (connect or disconnect now),
+        or a C{dbrestart}/C{sync} (read the table again).  Anything else
+        is ignored.  @return: Deferred firing once acted on.
+        """
+        if update.is_control:
+            return self.refresh()
+        if update.table != PUBLISHER_TABLE or not self.running:
+            return defer.succeed(None)
+        if update.action == DELETE:
+            self.rows.pop(update.key or "", None)
+        elif update.action in (CREATE, SET) and update.value:
+            try:
+                row = PublisherRow.from_json(update.value)
+            except ProtocolError as e:
+                log.warn("{error}", error=e)
+                return defer.succeed(None)
+            if row.role == self.follows:
+                self.rows[row.id] = row
+        return defer.ensureDeferred(self._sync(self._live()))
