@@ -9,7 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["dftx", "dftx.*"]),
+    packages=find_packages(include=["dftx", "dftx.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/dftx_plugins.py"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "txredisapi>=1.4.10",
