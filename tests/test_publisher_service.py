@@ -1,0 +1,318 @@
+"""
+twistd dfpublisher as a real process against the harness's Redis Cluster,
+with writer processes pushing over ipc and subscribers in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+import treq
+import zmq
+from twisted.internet import defer
+
+from dftx.codec import encode
+from dftx.config import LOCAL_CONTROLLER, NEUTRON_SERVER
+from dftx.db.redis import RedisDbDriver
+from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration, read_rows
+from dftx.pubsub.zmq import ZmqPubSub, ZmqSocket
+from dftx.servers import ChildProcess, CommandFailed, free_port, poll, run
+from dftx.update import DbUpdate
+
+from .test_pubsub_zmq import Received
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+WRITER = """
+import sys
+from twisted.internet import defer, task
+from dftx.db.redis import RedisDbDriver
+from dftx.nb import NbApi
+from dftx.pubsub.zmq import ZmqPubSub
+
+async def main(reactor, relay, hosts, name, table, count):
+    db = RedisDbDriver(hosts=hosts.split(","))
+    await db.initialize()
+    pub = ZmqPubSub(relay=relay, linger=10).get_publisher()
+    await pub.initialize()
+    nb = NbApi(db, pub)
+    writes = []
+    for i in range(int(count)):
+        for topic in ("t1", "t2", None):
+            writes.append(nb.create(table, f"{name}-{topic or 'D'}-{i}", "{}", topic))
+    await defer.gatherResults(writes)
+    await pub.close()
+    await db.close()
+
+task.react(lambda reactor: defer.ensureDeferred(main(reactor, *sys.argv[1:])))
+"""
+
+
+class DfPublisher:
+    """One twistd dfpublisher process and its configuration file."""
+
+    def __init__(self, tmp: Path, seeds: list[str], timeout: int = 30, name: str = "dfpub"):
+        self.dir = tmp / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.http_port = free_port()
+        self.ipc_path = self.dir / "run" / "publisher.sock"
+        self.ipc = f"ipc://{self.ipc_path}"
+        self.uri = f"tcp://127.0.0.1:{self.port}"
+        self.config = self.dir / "dftx.ini"
+        self.config.write_text(f"""
+[df]
+nb_db_driver = redis
+remote_db_hosts = {",".join(seeds[:2])}
+pub_sub_driver = zmq
+publisher_timeout = {timeout}   # seconds
+[neutron_server]
+publisher_port = {self.port}
+publisher_bind_address = 127.0.0.1
+pub_sub_use_multiproc = true
+publisher_multiproc_socket = {self.ipc_path}
+http_endpoint = tcp:{self.http_port}:interface=127.0.0.1
+""")
+        self.process = ChildProcess(
+            [TWISTD, "-n", "--pidfile=", "dfpublisher", "--config", str(self.config)],
+            self.dir / "twistd.log", self.dir)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        response = await treq.get(self.url(path), persistent=False)
+        return response.code, await response.content()
+
+    async def status(self) -> dict:
+        code, body = await self.get("/v1/status")
+        assert code == 200
+        return json.loads(body)
+
+    async def start(self) -> None:
+        self.process.start()
+
+        async def healthy():
+            if not self.process.running:
+                raise RuntimeError(f"exited: {self.process.log_path.read_text()}")
+            return (await self.get("/healthz"))[0] == 200
+        await poll(healthy, 20, "dfpublisher /healthz 200")
+
+    @property
+    def log(self) -> str:
+        return self.process.log_path.read_text()
+
+
+@pytest_twisted.async_yield_fixture
+async def db(redis_cluster):
+    driver = RedisDbDriver(hosts=redis_cluster.seeds, retries=3)
+    await driver.initialize()
+    yield driver
+    await driver.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def services(tmp_path, redis_cluster):
+    started = []
+
+    async def make(**kw) -> DfPublisher:
+        svc = DfPublisher(tmp_path, redis_cluster.seeds, name=f"dfpub{len(started)}", **kw)
+        started.append(svc)
+        await svc.start()
+        return svc
+
+    yield make
+    for svc in started:
+        await svc.process.kill()
+
+
+async def discovering_subscriber(db, topics, timeout=30, interval=0.2):
+    """A controller-side subscriber that finds neutron_server publishers."""
+    sub = ZmqPubSub().get_subscriber()
+    got = Received()
+    disc = Discovery(db, sub, LOCAL_CONTROLLER, timeout=timeout, interval=interval)
+
+    def callback(update):
+        got(update)
+        disc.observe(update)
+
+    for t in topics:
+        await sub.register_topic(t)
+    await sub.initialize(callback)
+    disc.startService()
+    await disc.ready
+    return sub, got, disc
+
+
+async def joined_via_relay(ipc, subs):
+    """Push probes through the relay until every subscriber got one per topic."""
+    probe = ZmqPubSub(relay=ipc).get_publisher()
+    await probe.initialize()
+    try:
+        for topic, got in subs:
+            key = f"~probe-{topic}"
+
+            async def send(topic=topic, got=got, key=key):
+                await probe.send_event(DbUpdate("probe", key, "create", "{}", topic))
+                return key in got.keys(topic, probes=True)
+            await poll(send, 15, f"relay path to subscriber of {topic}")
+    finally:
+        await probe.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_config_exits_non_zero_naming_file_section_and_key(tmp_path):
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[df]\nnb_db_driver = memory\n[neutron_server]\npublisher_port = 99999\n")
+    with pytest.raises(CommandFailed) as info:
+        await run([TWISTD, "-n", "--pidfile=", "dfpublisher", "--config", str(bad)])
+    message = str(info.value)
+    assert "exit code 1" in message
+    assert f"{bad}: [neutron_server] publisher_port: 99999 is out of range" in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_writers_over_ipc_reach_two_subscribers_each_exactly_its_topics(
+        services, db, redis_cluster, unique):
+    svc = await services()
+    # The registration row: role, uri, refreshed.
+    rows = {r.id: r for r in await read_rows(db)}
+    me = (await svc.status())["publisher"]["id"]
+    assert rows[me].role == NEUTRON_SERVER and rows[me].uri == svc.uri
+
+    # A controller-side publisher on the same host: no conflict, and each
+    # side discovers only the other role.
+    controller_pub = ZmqPubSub(bind="tcp://127.0.0.1:*").get_publisher()
+    await controller_pub.initialize()
+    controller_reg = Registration(db, controller_pub.id, controller_pub.uri,
+                                  LOCAL_CONTROLLER, timeout=30)
+    controller_reg.startService()
+    await controller_reg.started
+    neutron_side = ZmqPubSub().get_subscriber()
+    await neutron_side.initialize(Received())
+    neutron_disc = Discovery(db, neutron_side, NEUTRON_SERVER, timeout=30)
+    neutron_disc.startService()
+    await neutron_disc.ready
+
+    sub1, got1, disc1 = await discovering_subscriber(db, ["t1"])
+    sub2, got2, disc2 = await discovering_subscriber(db, ["t2"])
+    try:
+        assert svc.uri in disc1.connected and svc.uri in disc2.connected
+        assert controller_pub.uri not in disc1.connected
+        assert controller_pub.uri in neutron_disc.connected
+        assert svc.uri not in neutron_disc.connected
+        await joined_via_relay(svc.ipc, [("t1", got1), ("t2", got2), ("D", got1), ("D", got2)])
+
+        count = 200
+        await defer.gatherResults([
+            defer.ensureDeferred(run([sys.executable, "-c", WRITER, svc.ipc,
+                                      ",".join(redis_cluster.seeds[:2]), name, unique,
+                                      str(count)], timeout=60))
+            for name in ("w1", "w2")])
+
+        def done():
+            return all(len([k for k in got.keys() if not k.startswith("~")]) >= 2 * count * 2
+                       for got in (got1, got2))
+        await poll(done, 20, "every update at both subscribers")
+        for got, topic, other in ((got1, "t1", "t2"), (got2, "t2", "t1")):
+            rows = [u for u in got.updates if u.table == unique]
+            assert not [u for u in rows if u.topic == other]
+            for name in ("w1", "w2"):
+                for t in (topic, "D"):
+                    keys = [u.key for u in rows if u.topic == t and u.key.startswith(name)]
+                    assert keys == [f"{name}-{t}-{i}" for i in range(count)]
+            publishers = {u.publisher for u in rows}
+            assert len(publishers) == 2 and None not in publishers  # the writers' ids, kept
+        assert got1.updates and sub1.counters["gaps"] == 0 and sub2.counters["gaps"] == 0
+        assert len(await db.get_all_keys(unique)) == 2 * count * 3
+        status = await svc.status()
+        assert status["counters"]["relay_relayed"] >= 2 * count * 3
+        code, metrics = await svc.get("/metrics")
+        assert code == 200 and b'dftx_relay_messages_total{result="relayed"}' in metrics
+    finally:
+        for d in (disc1, disc2, neutron_disc):
+            await d.stopService()
+        for s in (sub1, sub2, neutron_side):
+            await s.close()
+        await controller_reg.stopService()
+        await controller_pub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_garbage_on_pull_is_counted_and_dropped(services, db):
+    svc = await services()
+    sub, got, disc = await discovering_subscriber(db, [])
+    raw = ZmqSocket(zmq.PUSH, "raw PUSH")
+    raw.connect(svc.ipc)
+    try:
+        await joined_via_relay(svc.ipc, [("D", got)])
+        garbage = [[b"D"], [b"D", b"\xc1"], [b"\xff", b"x"], [b"D", b"a", b"b"]]
+        for frames in garbage:
+            await raw.send_frames(frames)
+        await raw.send_frames([b"D", encode(DbUpdate("x", "after", "create", "{}"))])
+        await poll(lambda: "after" in got.keys(), 10, "good message after garbage")
+        assert (await svc.status())["counters"]["relay_malformed"] == len(garbage)
+        assert sub.counters["undecodable"] == 0
+        code, metrics = await svc.get("/metrics")
+        assert b'dftx_relay_messages_total{result="malformed"} 4' in metrics
+    finally:
+        await raw.close(0)
+        await disc.stopService()
+        await sub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_service_goes_stale_is_dropped_and_a_restart_is_found(
+        services, db, tmp_path):
+    timeout = 2
+    first = await services(timeout=timeout)
+    first_id = (await first.status())["publisher"]["id"]
+    sub, got, disc = await discovering_subscriber(db, [], timeout=timeout)
+    try:
+        assert first.uri in disc.connected
+        stamp = (await _rows(db))[first_id].last_activity_timestamp
+
+        async def refreshed():
+            return (await _rows(db))[first_id].last_activity_timestamp > stamp
+        await poll(refreshed, 10, "a refresh of the row")
+
+        await first.process.kill()  # kill -9: the row stays, unrefreshed
+        await poll(lambda: first.uri not in sub.addresses, 10, "subscriber drops the killed one")
+        assert first_id in await db.get_all_keys(PUBLISHER_TABLE)
+
+        # Restarted (same configuration, a new id): it removes the stale row
+        # and the subscriber finds it.
+        first.process = ChildProcess(first.process.argv, first.dir / "twistd2.log", first.dir)
+        await first.start()
+        second_id = (await first.status())["publisher"]["id"]
+        assert second_id != first_id
+        await poll(lambda: _gone(db, first_id), 10, "stale row removed")
+        await poll(lambda: first.uri in sub.addresses, 10, "subscriber finds the restart")
+        await joined_via_relay(first.ipc, [("D", got)])
+
+        # SIGTERM: row deleted and announced, ipc file removed, exit.
+        assert first.ipc_path.exists()
+        first.process.signal("TERM")
+        await first.process.wait_ended(10)
+        assert not first.ipc_path.exists()
+        assert await _gone(db, second_id)
+        await poll(lambda: first.uri not in sub.addresses, 5, "subscriber drops it")
+        assert ("delete", second_id) in [(u.action, u.key) for u in got.updates
+                                         if u.table == PUBLISHER_TABLE]
+        assert "Traceback" not in first.log
+    finally:
+        await disc.stopService()
+        await sub.close()
+
+
+async def _rows(db):
+    return {r.id: r for r in await read_rows(db)}
+
+
+async def _gone(db, id) -> bool:
+    return id not in await db.get_all_keys(PUBLISHER_TABLE)
