@@ -316,3 +316,22 @@ async def _rows(db):
 
 async def _gone(db, id) -> bool:
     return id not in await db.get_all_keys(PUBLISHER_TABLE)
+
+
+def test_prometheus_text_escapes_help_and_labels():
+    from dftx.http import Metric, render_metrics
+
+    text = render_metrics([
+        Metric("dftx_x_total", "counter", 'a "b"\\c\nd').add(3, peer='tcp://"x"\n')
+        .add(1.5),
+        Metric("dftx_up", "gauge", "up").add(True).add(float("nan"), k="v"),
+    ]).decode()
+    assert text == (
+        '# HELP dftx_x_total a "b"\\\\c\\nd\n'
+        "# TYPE dftx_x_total counter\n"
+        'dftx_x_total{peer="tcp://\\"x\\"\\n"} 3\n'
+        "dftx_x_total 1.5\n"
+        "# HELP dftx_up up\n"
+        "# TYPE dftx_up gauge\n"
+        "dftx_up 1\n"
+        'dftx_up{k="v"} NaN\n')
