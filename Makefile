@@ -31,7 +31,9 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	# compat mode: twistd finds twisted/plugins/dftx_plugins.py through a
+	# plain path entry (the default editable finder hides namespace packages).
+	$(VENV)/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 clean:

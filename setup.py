@@ -15,6 +15,8 @@ setup(
         "twisted[tls]>=24.7",
         "txredisapi>=1.4.10",
         "txzmq>=1.0",
+        "pyzmq>=25",
+        "hiredis>=2.1",
         "msgpack>=1.0",
         "service-identity>=24.1",
         "zope.interface>=6",

@@ -190,6 +190,11 @@ class RedisSettings:
         0, integer(0),
         "Replicas each write waits for (Redis WAIT) before it is acknowledged.",
         "integer >= 0")
+    username: str = option(
+        "", text, "Redis 6+ ACL user for AUTH (empty: the default user).", "text")
+    password: str = option(
+        "", text, "Password sent with AUTH on every connection (empty: no AUTH). "
+        "Never logged or shown in /v1/status.", "text")
     tls: bool = option(False, boolean, "Connect to Redis over TLS.", "boolean")
     ca_file: str = option(
         "", optional_file, "CA certificates (PEM) that sign the Redis servers' "

@@ -57,6 +57,25 @@ class DBKeyAmbiguous(DftxError, LookupError):
         )
 
 
+class ReplyError(DftxError):
+    """
+    An error reply from a Redis node (C{-ERR ...}, C{-WRONGTYPE ...}).
+
+    @ivar message: the reply text, e.g. C{"MOVED 3999 127.0.0.1:7001"}.
+    @ivar kind: its first word (C{"MOVED"}, C{"ERR"}, ...).
+    @ivar node: C{"host:port"} of the node that sent it, when known.
+    """
+
+    def __init__(self, message: str, node: str | None = None) -> None:
+        self.message = message
+        self.kind = message.split(" ", 1)[0]
+        self.node = node
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.message}" if self.node else self.message
+
+
 class DBConnectionError(DftxError, ConnectionError):
     """
     A database node could not be reached, or the connection was lost, after

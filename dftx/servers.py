@@ -547,10 +547,18 @@ class RedisCluster:
         failover, or "FORCE" / "TAKEOVER") and wait until it is a master.
         """
         await replica.cli("CLUSTER", "FAILOVER", *([mode] if mode else []))
-        await poll(
-            lambda: self._role_is(replica, "master"), timeout,
-            f"{replica.address} to become master",
-        )
+        await self.wait_promoted(replica, timeout)
+
+    async def wait_promoted(self, node: RedisServer, timeout: float = 30.0) -> None:
+        """
+        Wait until C{node} says it is a master and the cluster's view (what
+        L{masters} and L{owner} read) agrees: gossip reaches the other nodes
+        a little after the promoted node knows.
+        """
+        async def promoted() -> bool:
+            return await self._role_is(node, "master") and node in await self.masters()
+
+        await poll(promoted, timeout, f"{node.address} to become master")
 
     async def _role_is(self, node: RedisServer, role: str) -> bool:
         return (await node.info("replication")).get("role") == role

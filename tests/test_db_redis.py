@@ -76,6 +76,34 @@ def test_from_config(tmp_path):
 
 
 @aio
+async def test_acl_user_and_password_from_config(redis_single, unique):
+    user = f"u{unique}"
+    await redis_single.cli("ACL", "SETUSER", user, "on", ">pw-1", "~*", "+@all")
+    try:
+        def driver(creds):
+            return RedisDbDriver.from_config(parse(
+                f"[df]\nremote_db_hosts = {redis_single.address}\n"
+                f"[df_redis]\nretries = 1\n{creds}", role="neutron_server"))
+
+        good = driver(f"username = {user}\npassword = pw-1\n")
+        await good.initialize()
+        try:
+            await good.create_key(unique, "k", "v")
+            assert await redis_single.cli("ACL", "WHOAMI") == "default"
+            assert await good.client.execute("ACL", "WHOAMI", slot=0) == user.encode()
+        finally:
+            await good.close()
+        bad = driver(f"username = {user}\npassword = wrong\n")
+        with pytest.raises(DBConnectionError) as info:
+            await bad.initialize()
+        await bad.close()
+        assert "WRONGPASS" in str(info.value) and "wrong" not in str(info.value).replace(
+            "WRONGPASS", "")
+    finally:
+        await redis_single.cli("ACL", "DELUSER", user)
+
+
+@aio
 async def test_wait_replicas_on_a_cluster(redis_cluster, unique):
     driver = RedisDbDriver(hosts=redis_cluster.seeds, wait_replicas=1)
     await driver.initialize()
@@ -153,7 +181,7 @@ async def test_kill_master_with_1000_writes_in_flight(redis_cluster, unique):
         acked = [f"k{i}" for i, (ok, _) in enumerate(results) if ok]
         failed = [r.value for ok, r in results if not ok]
         assert all(isinstance(e, DBConnectionError) for e in failed), failed[:3]
-        await poll(lambda: redis_cluster._role_is(replica, "master"), 20, "promotion")
+        await redis_cluster.wait_promoted(replica, 20)
         await driver.create_key(unique, "after", "failover")
     finally:
         await driver.close()

@@ -14,7 +14,7 @@ from twisted.internet import defer, protocol, reactor
 from dftx.errors import ClusterDownError, DBConnectionError, ProtocolError
 from dftx.redis.cluster import ClusterClient
 from dftx.redis.deferreds import gather
-from dftx.redis.resp import ReplyError
+from dftx.errors import ReplyError
 from dftx.redis.slots import SLOTS, key_slot
 from dftx.servers import poll
 

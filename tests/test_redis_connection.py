@@ -9,7 +9,8 @@ from twisted.internet import reactor
 from dftx.redis.connection import NodeConnection
 from dftx.redis.deferreds import gather
 from dftx.redis.endpoints import NodeEndpoints
-from dftx.redis.resp import ConnectionClosed, NodeUnreachable, ReplyError
+from dftx.errors import ReplyError
+from dftx.redis.resp import ConnectionClosed, NodeUnreachable
 from dftx.servers import poll
 
 aio = pytest_twisted.ensureDeferred

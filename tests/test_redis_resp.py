@@ -12,8 +12,8 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from dftx.errors import ProtocolError
-from dftx.redis.resp import ConnectionClosed, ReplyError, RespProtocol
+from dftx.errors import ProtocolError, ReplyError
+from dftx.redis.resp import ConnectionClosed, RespProtocol
 
 PEER = "127.0.0.1:7000"
 

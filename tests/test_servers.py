@@ -47,9 +47,7 @@ async def test_kill_master_fails_over_and_restart_rejoins(redis_cluster, unique)
     with pytest.raises(OSError):
         os.kill(pid, 0)
     # The replica is promoted once the others agree the master failed.
-    await poll(
-        lambda: redis_cluster._role_is(replica, "master"), 20, "promotion"
-    )
+    await redis_cluster.wait_promoted(replica, 20)
     assert await redis_cluster.owner(slot) is replica
     # The old master comes back as a replica of the new one.
     await master.start()

@@ -30,7 +30,7 @@ from dftx.errors import DBConnectionError, DBKeyAmbiguous, DBKeyNotFound, Protoc
 from dftx.redis.cluster import ClusterClient, NotReplicated
 from dftx.redis.deferreds import gather
 from dftx.redis.endpoints import TLSOptions
-from dftx.redis.resp import ReplyError
+from dftx.errors import ReplyError
 from dftx.redis.slots import key_slot
 
 UNIQUE_KEY_TABLE = "unique_key"
@@ -113,7 +113,8 @@ class RedisDbDriver:
         tls = TLSOptions(r.ca_file, r.cert_file or None, r.key_file or None) if r.tls else None
         return cls(
             list(config.df.remote_db_hosts), r.retries,
-            wait_replicas=r.wait_replicas, tls=tls, **kwargs,
+            wait_replicas=r.wait_replicas, tls=tls,
+            password=r.password or None, username=r.username or None, **kwargs,
         )
 
     def initialize(self) -> defer.Deferred[None]:

@@ -9,7 +9,7 @@ pub/sub; those layers build on it.
 
 from dftx.redis.cluster import ClusterClient, NotReplicated
 from dftx.redis.endpoints import TLSOptions
-from dftx.redis.resp import ReplyError
+from dftx.errors import ReplyError
 from dftx.redis.slots import key_slot
 from dftx.redis.topology import Topology
 

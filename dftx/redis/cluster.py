@@ -38,11 +38,11 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.errors import ClusterDownError, DBConnectionError, ProtocolError
+from dftx.errors import ClusterDownError, DBConnectionError, ProtocolError, ReplyError
 from dftx.redis.connection import NodeConnection, ProtocolClass
 from dftx.redis.deferreds import Shared, gather
 from dftx.redis.endpoints import NodeEndpoints, TLSOptions
-from dftx.redis.resp import ConnectionClosed, NodeUnreachable, ReplyError, RespProtocol
+from dftx.redis.resp import ConnectionClosed, NodeUnreachable, RespProtocol
 from dftx.redis.slots import SLOTS
 from dftx.redis.topology import Topology, parse_cluster_slots
 

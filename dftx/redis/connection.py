@@ -24,8 +24,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dftx.errors import ReplyError
 from dftx.redis.deferreds import Shared
-from dftx.redis.resp import ConnectionClosed, NodeUnreachable, ReplyError, RespProtocol
+from dftx.redis.resp import ConnectionClosed, NodeUnreachable, RespProtocol
 
 log = Logger()
 

@@ -25,26 +25,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from dftx.errors import DBConnectionError, DftxError, ProtocolError
-
-
-class ReplyError(DftxError):
-    """
-    An error reply from a Redis node (C{-ERR ...}, C{-WRONGTYPE ...}).
-
-    @ivar message: the reply text, e.g. C{"MOVED 3999 127.0.0.1:7001"}.
-    @ivar kind: its first word (C{"MOVED"}, C{"ERR"}, ...).
-    @ivar node: C{"host:port"} of the node that sent it, when known.
-    """
-
-    def __init__(self, message: str, node: str | None = None) -> None:
-        self.message = message
-        self.kind = message.split(" ", 1)[0]
-        self.node = node
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        return f"{self.node}: {self.message}" if self.node else self.message
+from dftx.errors import DBConnectionError, ProtocolError, ReplyError
 
 
 class ConnectionClosed(DBConnectionError):
