@@ -109,6 +109,24 @@ class DbDriverContract:
         assert sorted(await driver.get_all_entries(unique)) == ["va", "vb", "vc", "vd"]
 
     @aio
+    async def test_get_all_rows_gives_topic_key_value(self, driver, unique):
+        assert await driver.get_all_rows(unique) == []
+        await driver.create_key(unique, "a", "va", topic="t1")
+        await driver.create_key(unique, "a", "va2", topic="t2")
+        await driver.create_key(unique, "b", "vb")
+        await driver.delete_key(unique, "a", topic="t2")
+        await driver.create_key(unique, "ü", "1")
+        assert sorted(await driver.get_all_rows(unique), key=str) == [
+            ("t1", "a", "va"), (None, "b", "vb"), (None, "ü", "1")]
+        assert await driver.get_all_rows(unique, topic="t1") == [("t1", "a", "va")]
+        assert await driver.get_all_rows(unique, topic="t2") == []
+        many = {f"k{i}": f"v{i}" for i in range(1200)}
+        await defer.gatherResults([driver.create_key(unique, k, v, topic="m")
+                                   for k, v in many.items()])
+        rows = await driver.get_all_rows(unique, topic="m")
+        assert {k: v for _, k, v in rows} == many and len(rows) == len(many)
+
+    @aio
     async def test_topic_less_lookup_finds_row_under_its_topic(self, driver, unique):
         await driver.create_key(unique, "k", "v", topic="tenant1")
         assert await driver.get_key(unique, "k") == "v"

@@ -115,6 +115,17 @@ class INbDbDriver(Interface):
             is None); C{[]} for a missing table.
         """
 
+    def get_all_rows(table, topic=None):
+        """
+        Every row with its key and topic, for a caller that mirrors the
+        table (the local controller's cache).
+
+        @return: Deferred firing with a list of C{(topic, key, value)}
+            tuples (topic None for a row without topic) of C{table} (under
+            C{topic} only, when given), in no particular order; C{[]} for a
+            missing table.
+        """
+
     def allocate_unique_key(table):
         """
         @return: Deferred firing with an int that no other call for C{table},

@@ -77,11 +77,15 @@ class MemoryDbDriver:
 
     @_deferred
     def get_all_entries(self, table: str, topic: str | None = None) -> list[str]:
-        return [value for _, value in self._rows(table, topic)]
+        return [value for _, _, value in self._rows(table, topic)]
 
     @_deferred
     def get_all_keys(self, table: str, topic: str | None = None) -> list[str]:
-        return [key for key, _ in self._rows(table, topic)]
+        return [key for _, key, _ in self._rows(table, topic)]
+
+    @_deferred
+    def get_all_rows(self, table: str, topic: str | None = None) -> list[tuple[str | None, str, str]]:
+        return self._rows(table, topic)
 
     @_deferred
     def allocate_unique_key(self, table: str) -> int:
@@ -117,10 +121,10 @@ class MemoryDbDriver:
             raise DBKeyAmbiguous(table, key, topics)
         return topics, next(iter(topics))
 
-    def _rows(self, table: str, topic: str | None) -> list[tuple[str, str]]:
+    def _rows(self, table: str, topic: str | None) -> list[tuple[str | None, str, str]]:
         topic = check_names(table, topic=topic)
         return [
-            (key, value)
+            (t, key, value)
             for key, topics in self._tables.get(table, {}).items()
             for t, value in topics.items()
             if topic is None or t == topic

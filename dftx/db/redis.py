@@ -212,37 +212,46 @@ class RedisDbDriver:
         [(topic, rkey)] = found.items()
         return rkey, topic
 
-    async def _rows(self, table: str, topic: str | None) -> list[tuple[str, bytes]]:
-        """(key, Redis key) of every row of C{table} (under C{topic})."""
+    async def _rows(self, table: str, topic: str | None) -> list[tuple[str | None, str, bytes]]:
+        """(topic, key, Redis key) of every row of C{table} (under C{topic})."""
         topic = check_names(table, topic=topic)
         pattern = "{" + _glob(table) + "." + (_glob(topic) + "}*" if topic else "*")
         rows = []
         for raw in await self.client.scan(pattern.encode("utf-8")):
             parsed = _parse(table, raw)
             if parsed is not None and (topic is None or parsed[0] == topic):
-                rows.append((parsed[1], raw))
+                rows.append((parsed[0], parsed[1], raw))
         return rows
 
     def get_all_keys(self, table: str, topic: str | None = None) -> defer.Deferred[list[str]]:
         return defer.ensureDeferred(self._all_keys(table, topic))
 
     async def _all_keys(self, table: str, topic: str | None) -> list[str]:
-        return [key for key, _ in await self._rows(table, topic)]
+        return [key for _, key, _ in await self._rows(table, topic)]
 
     def get_all_entries(self, table: str, topic: str | None = None) -> defer.Deferred[list[str]]:
         return defer.ensureDeferred(self._all_entries(table, topic))
 
     async def _all_entries(self, table: str, topic: str | None) -> list[str]:
-        keys = [raw for _, raw in await self._rows(table, topic)]
-        batches = await self._per_slot("MGET", keys)
-        values = []
-        for batch, replies in batches:
+        return [value for _, _, value in await self._all_rows(table, topic)]
+
+    def get_all_rows(
+        self, table: str, topic: str | None = None
+    ) -> defer.Deferred[list[tuple[str | None, str, str]]]:
+        return defer.ensureDeferred(self._all_rows(table, topic))
+
+    async def _all_rows(self, table: str, topic: str | None) -> list[tuple[str | None, str, str]]:
+        """SCAN, then MGET in batches of one slot; a row deleted in between
+        is left out."""
+        rows = {raw: (t, key) for t, key, raw in await self._rows(table, topic)}
+        found = []
+        for batch, replies in await self._per_slot("MGET", list(rows)):
             if not isinstance(replies, list) or len(replies) != len(batch):
                 raise ProtocolError(f"MGET: unexpected reply {replies!r:.100}")
-            values.extend(
-                self._text(v, k) for k, v in zip(batch, replies) if v is not None
+            found.extend(
+                (*rows[k], self._text(v, k)) for k, v in zip(batch, replies) if v is not None
             )
-        return values
+        return found
 
     async def _per_slot(self, command: str, keys: list[bytes]) -> list[tuple[list[bytes], Any]]:
         """Run C{command} on C{keys} in batches of one slot each, all at once."""
@@ -269,7 +278,7 @@ class RedisDbDriver:
         return defer.ensureDeferred(self._delete_table(table))
 
     async def _delete_table(self, table: str) -> None:
-        await self._per_slot("DEL", [raw for _, raw in await self._rows(table, None)])
+        await self._per_slot("DEL", [raw for _, _, raw in await self._rows(table, None)])
 
     def allocate_unique_key(self, table: str) -> defer.Deferred[int]:
         return defer.ensureDeferred(self._allocate(table))
