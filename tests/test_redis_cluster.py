@@ -11,11 +11,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
-from dftx.errors import ClusterDownError, DBConnectionError, ProtocolError
+from dftx.errors import ClusterDownError, DBConnectionError, ProtocolError, ReplyError
 from dftx.redis.cluster import ClusterClient
 from dftx.redis.deferreds import gather
-from dftx.errors import ReplyError
 from dftx.redis.slots import SLOTS, key_slot
+from dftx.redis.topology import Shard, Topology
 from dftx.servers import poll
 
 aio = pytest_twisted.ensureDeferred
@@ -354,3 +354,22 @@ async def test_malformed_redirection_is_a_protocol_error(fake_node):
         assert info.value.peer == address
     finally:
         await c.close()
+
+
+@aio
+async def test_apply_topology_routes_at_once_and_moved_corrects_it(client, unique):
+    real = client.topology
+    seen = []
+    client.on_topology_changed(lambda old, new: seen.append(new))
+    slot = key_slot(unique)
+    right = real.owner(slot)
+    wrong = next(m for m in real.masters if m != right)
+    # A (stale) topology that sends every slot to one wrong master.
+    stale = Topology([Shard(0, SLOTS - 1, wrong)])
+    client.apply_topology(stale)
+    assert client.owner(slot) == wrong and seen == [stale]
+    await client.execute("SET", unique, "v", slot=slot)  # MOVED, then right
+    assert client.owner(slot) == right
+    await poll(lambda: client.topology == real, 5, "refresh after MOVED")
+    assert seen[-1] == real
+    assert await client.execute("GET", unique, slot=slot) == b"v"

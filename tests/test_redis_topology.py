@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dftx.errors import ProtocolError
@@ -114,3 +116,31 @@ def test_addresses():
     for bad in ("nohost", ":7000", "h:0", "h:99999", "h:x"):
         with pytest.raises(ValueError):
             split_address(bad)
+
+
+def test_as_dict_round_trips_through_json():
+    reply = [
+        [101, 5460, node(7000), node(7003)],
+        [0, 99, node(7000), node(7003)],
+        [5461, 16383, node(7001)],
+    ]
+    t = parse_cluster_slots(reply, "127.0.0.1:7000")
+    again = Topology.from_dict(json.loads(json.dumps(t.as_dict())))
+    assert again == t and again.owners() == t.owners()
+    single = Topology.single("127.0.0.1:6379")
+    assert Topology.from_dict(single.as_dict()) == single
+
+
+@pytest.mark.parametrize("data", [
+    None, [], {}, {"cluster": True}, {"cluster": True, "masters": {}},
+    {"cluster": "yes", "masters": {"a:1": {"slots": [[0, 1]], "replicas": []}}},
+    {"cluster": True, "masters": {"a:1": {"slots": [[0, 99999]], "replicas": []}}},
+    {"cluster": True, "masters": {"a:1": {"slots": [[5, 1]], "replicas": []}}},
+    {"cluster": True, "masters": {"a:1": {"slots": [["x", 1]], "replicas": []}}},
+    {"cluster": True, "masters": {"a:1": {"slots": [[0, 10]]}}},
+    {"cluster": True, "masters": {"a:1": {"slots": [[0, 10]], "replicas": []},
+                                  "b:1": {"slots": [[5, 20]], "replicas": []}}},
+])
+def test_from_dict_refuses_what_as_dict_cannot_make(data):
+    with pytest.raises(ProtocolError, match="not a topology"):
+        Topology.from_dict(data)

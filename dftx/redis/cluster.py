@@ -208,6 +208,16 @@ class ClusterClient:
         """Undo L{on_topology_changed}."""
         self._listeners.remove(listener)
 
+    def apply_topology(self, topology: Topology) -> None:
+        """
+        Route by C{topology}, learnt elsewhere (the HA watcher's message),
+        without asking any node: connections to nodes not in it are
+        closed and listeners told, as after a refresh.  Should it be out of
+        date, the first MOVED or lost connection corrects it.
+        """
+        if not self._closed:
+            self._install(topology)
+
     def refresh(self) -> defer.Deferred[Topology]:
         """
         Read CLUSTER SLOTS now (or join the read already under way).

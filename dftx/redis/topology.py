@@ -114,6 +114,33 @@ class Topology:
                     m["replicas"].append(r)
         return {"cluster": self.cluster, "masters": masters}
 
+    @classmethod
+    def from_dict(cls, data: Any) -> "Topology":
+        """
+        The inverse of L{as_dict} (how the HA watcher ships a topology).
+
+        @raise ProtocolError: for anything L{as_dict} does not produce, or
+            slot ranges that are out of bounds or overlap.
+        """
+        try:
+            shards = [
+                Shard(int(start), int(end), str(master), tuple(str(r) for r in info["replicas"]))
+                for master, info in data["masters"].items()
+                for start, end in info["slots"]
+            ]
+            cluster = data["cluster"]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ProtocolError(f"not a topology: {data!r:.100} ({e!r})") from None
+        if not isinstance(cluster, bool) or not shards:
+            raise ProtocolError(f"not a topology: {data!r:.100}")
+        for s in shards:
+            if not 0 <= s.start <= s.end < SLOTS:
+                raise ProtocolError(f"not a topology: bad range {s.start}-{s.end}")
+        topology = cls(shards, cluster=cluster)
+        if topology.covered != sum(o is not None for o in topology._owners):
+            raise ProtocolError("not a topology: slot ranges overlap")
+        return topology
+
     def _key(self) -> tuple[Any, ...]:
         return (self.cluster, tuple(
             (s.start, s.end, s.master, tuple(sorted(s.replicas))) for s in self.shards
