@@ -1,0 +1,175 @@
+"""
+Redis HA across roles.
+
+The publisher service runs a L{ClusterWatcher}: every
+C{cluster_watch_interval} seconds it reads CLUSTER SLOTS from any reachable
+node and, when the topology differs from the one it last published,
+publishes the new one on the HA topic (L{HA_TOPIC}) as a C{set} of row
+C{ha/topology} whose value is the JSON of L{Topology.as_dict}.  When the
+set of masters changed (a failover, which may have lost writes
+acknowledged just before it) it also runs its C{on_failover} hook: the
+embedding application passes L{dftx.nb.NbApi.db_restart} so it re-writes
+its authoritative rows and every subscriber resyncs.
+
+Controllers subscribe to the HA topic and do not poll Redis for topology:
+L{topology_from_update} gives them the topology to install with
+L{dftx.redis.cluster.ClusterClient.apply_topology}, after which they
+resync.  Their own MOVED replies and lost connections still correct a
+topology that is out of date.
+
+A check, a publish or a hook that fails is logged and counted and the
+watcher keeps going: a publish that failed is retried at the next check,
+and so is a hook that failed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any, Awaitable, Callable
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dftx.errors import DftxError, ProtocolError
+from dftx.redis.topology import Topology
+from dftx.update import SET, DbUpdate
+
+HA_TOPIC = "redis"
+HA_TABLE = "ha"
+TOPOLOGY_KEY = "topology"
+
+log = Logger()
+
+FailoverHook = Callable[[], Awaitable[Any] | Any]
+
+
+def topology_update(topology: Topology) -> DbUpdate:
+    """The HA message announcing C{topology}."""
+    return DbUpdate(HA_TABLE, TOPOLOGY_KEY, SET, json.dumps(topology.as_dict(), sort_keys=True),
+                    HA_TOPIC)
+
+
+def topology_from_update(update: DbUpdate) -> Topology | None:
+    """
+    The topology an HA message announces; None for any other update.
+
+    @raise ProtocolError: for an HA message whose value is not a topology.
+    """
+    if update.table != HA_TABLE or update.key != TOPOLOGY_KEY or update.action != SET:
+        return None
+    try:
+        data = json.loads(update.value or "")
+    except ValueError as e:
+        raise ProtocolError(f"HA message: value is not JSON: {e}") from None
+    return Topology.from_dict(data)
+
+
+def is_failover(old: Topology | None, new: Topology) -> bool:
+    """A master left or joined: writes acknowledged by the old one may be lost."""
+    return old is not None and set(old.masters) != set(new.masters)
+
+
+class ClusterWatcher(service.Service):
+    """
+    Watches the cluster behind C{client} (a started
+    L{dftx.redis.cluster.ClusterClient}) and publishes its topology on
+    C{publisher} (an initialized L{dftx.pubsub.api.IPublisher}); see the
+    module docstring.  The first check runs at start and publishes the
+    topology found.
+
+    @ivar counters: C{checks}, C{check_errors}, C{published},
+        C{publish_errors}, C{failovers}, C{hook_errors}.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        publisher: Any,
+        interval: float,
+        on_failover: FailoverHook | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.client = client
+        self.publisher = publisher
+        self.interval = interval
+        self.on_failover = on_failover
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self.published: Topology | None = None
+        self._seen: Topology | None = None
+        self._hook_pending = False
+        self._loop: task.LoopingCall | None = None
+        self._running_check: defer.Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self.check)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> defer.Deferred[None]:
+        """@return: Deferred firing once a check under way has ended."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._running_check is None:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+        self._running_check.addBoth(lambda _: done.callback(None))
+        return done
+
+    def check(self) -> defer.Deferred[None]:
+        """
+        Check now (a check under way is joined).  @return: Deferred that
+        fires (never fails) when the check is done.
+        """
+        if self._running_check is None:
+            self._running_check = defer.ensureDeferred(self._check())
+            self._running_check.addBoth(self._checked)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._running_check.addBoth(lambda _: waiter.callback(None))
+        return waiter
+
+    def _checked(self, result: Any) -> None:
+        self._running_check = None
+        if isinstance(result, Failure):
+            log.failure("cluster check failed", result)
+
+    async def _check(self) -> None:
+        self.counters["checks"] += 1
+        try:
+            topology = await self.client.refresh()
+        except DftxError as e:
+            self.counters["check_errors"] += 1
+            log.warn("cluster check: {error}", error=e)
+            return
+        if is_failover(self._seen, topology):
+            self.counters["failovers"] += 1
+            log.warn("Redis masters changed: {old} -> {new}",
+                     old=self._seen.masters if self._seen else None, new=topology.masters)
+            self._hook_pending = self.on_failover is not None
+        self._seen = topology
+        if topology != self.published:
+            try:
+                await self.publisher.send_event(topology_update(topology))
+            except DftxError as e:
+                self.counters["publish_errors"] += 1
+                log.warn("publishing the Redis topology failed (retried at the next "
+                         "check): {error}", error=e)
+            else:
+                self.counters["published"] += 1
+                self.published = topology
+        if self._hook_pending:
+            try:
+                await defer.maybeDeferred(self.on_failover)  # type: ignore[arg-type]
+            except Exception:
+                self.counters["hook_errors"] += 1
+                log.failure("failover hook failed (retried at the next check)")
+            else:
+                self._hook_pending = False

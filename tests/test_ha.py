@@ -1,0 +1,123 @@
+"""
+The HA watcher on the real cluster: it publishes the topology over a real
+ZeroMQ PUB/SUB pair when a master is killed or a slot migrates, runs the
+failover hook only for a master change, and keeps checking through errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+
+from dftx.codec import decode, encode
+from dftx.errors import ProtocolError
+from dftx.ha import HA_TOPIC, ClusterWatcher, topology_from_update, topology_update
+from dftx.redis.cluster import ClusterClient
+from dftx.redis.topology import Topology
+from dftx.servers import poll
+from dftx.update import DbUpdate
+
+from .test_pubsub_zmq import joined, publisher, subscriber
+
+aio = pytest_twisted.ensureDeferred
+
+
+def test_topology_message_survives_the_wire():
+    t = Topology.single("127.0.0.1:6379")
+    update = decode(encode(topology_update(t), publisher="p", seq=1))
+    assert update.topic == HA_TOPIC and topology_from_update(update) == t
+    assert topology_from_update(DbUpdate("lport", "topology", "set", "{}")) is None
+    assert topology_from_update(DbUpdate.control("dbrestart")) is None
+    for bad in ("not json", "[]", '{"cluster": true, "masters": {}}'):
+        with pytest.raises(ProtocolError):
+            topology_from_update(DbUpdate("ha", "topology", "set", bad, HA_TOPIC))
+
+
+class Watched:
+    """A watcher on the cluster, publishing to a joined ZMQ subscriber."""
+
+    async def start(self, seeds, interval=0.1, hook_failures=0, **client_kw):
+        self.client = ClusterClient(seeds, **client_kw)
+        await self.client.start()
+        self.pub = await publisher()
+        self.sub, self.got = await subscriber(self.pub.uri, topics=[HA_TOPIC])
+        await joined(self.pub, self.got, HA_TOPIC)
+        self.hook_calls = 0
+        self.hook_failures = hook_failures
+        self.watcher = ClusterWatcher(self.client, self.pub, interval, on_failover=self.hook)
+        self.watcher.startService()
+        await poll(lambda: self.topologies(), 10, "first topology message")
+        return self
+
+    def hook(self):
+        self.hook_calls += 1
+        if self.hook_calls <= self.hook_failures:
+            raise RuntimeError("hook failed")
+
+    def topologies(self):
+        return [t for t in map(topology_from_update, self.got.updates) if t is not None]
+
+    async def stop(self):
+        await self.watcher.stopService()
+        await self.sub.close()
+        await self.pub.close()
+        await self.client.close()
+
+
+@aio
+async def test_master_killed_topology_published_and_hook_run_until_it_succeeds(redis_cluster):
+    w = await Watched().start(redis_cluster.seeds, hook_failures=1)
+    try:
+        assert w.topologies()[-1] == w.client.topology
+        master = (await redis_cluster.masters())[0]
+        [replica] = await redis_cluster.replicas_of(master)
+        await master.kill()
+        await poll(lambda: replica.address in w.topologies()[-1].masters, 30,
+                   "topology with the promoted replica")
+        new = w.topologies()[-1]
+        assert master.address not in new.masters and len(new.masters) == 3
+        # The hook failed once and was retried at the next check.
+        await poll(lambda: w.hook_calls == 2, 10, "hook retried")
+        assert w.watcher.counters["hook_errors"] == 1
+        assert w.watcher.counters["failovers"] == 1
+        checks = w.watcher.counters["checks"]
+        await poll(lambda: w.watcher.counters["checks"] >= checks + 3, 10, "more checks")
+        assert w.hook_calls == 2
+    finally:
+        await w.stop()
+
+
+@aio
+async def test_slot_migration_is_published_without_failover(redis_cluster, unique):
+    w = await Watched().start(redis_cluster.seeds)
+    try:
+        slot = await redis_cluster.keyslot(unique)
+        src = await redis_cluster.owner(slot)
+        dst = next(m for m in await redis_cluster.masters() if m is not src)
+        await redis_cluster.migrate_slot(slot, dst)
+        await poll(lambda: w.topologies()[-1].owner(slot) == dst.address, 20,
+                   "topology with the slot moved")
+        assert w.hook_calls == 0 and w.watcher.counters["failovers"] == 0
+        published = w.watcher.counters["published"]
+        await poll(lambda: w.watcher.counters["checks"] >= 5, 10, "checks")
+        assert w.watcher.counters["published"] == published  # unchanged: not re-sent
+    finally:
+        await w.stop()
+
+
+@aio
+async def test_checks_go_on_through_a_stalled_node(redis_single):
+    w = await Watched().start([redis_single.address], interval=0.1, retries=1, timeout=0.3)
+    try:
+        redis_single.pause()
+        try:
+            await poll(lambda: w.watcher.counters["check_errors"] >= 2, 10, "failed checks")
+        finally:
+            redis_single.resume()
+        errors = w.watcher.counters["check_errors"]
+        checks = w.watcher.counters["checks"]
+        await poll(lambda: w.watcher.counters["checks"] >= checks + 3, 10, "checks resumed")
+        assert w.watcher.counters["check_errors"] <= errors + 1
+        assert w.watcher.counters["published"] == 1 and w.hook_calls == 0
+    finally:
+        await w.stop()
