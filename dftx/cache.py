@@ -1,5 +1,9 @@
 """
-The local controller's copy of the NB tables it serves.
+A local copy of NB tables, kept up to date by a subscriber: L{LocalCache}
+(the rows, and how updates and resyncs change them) and L{Mirror} (the
+cache, the database it resyncs from, and the observers of its changes).
+The local controller mirrors the tables it serves; the publisher service
+mirrors C{port_status}.
 
 Rows are kept by table, then by C{(topic, key)}; C{topic} is None for a row
 without topic, which is also what the topic C{"D"} (L{SEND_ALL_TOPIC}) means
@@ -23,9 +27,19 @@ an older value.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections import Counter
+from typing import Any, Callable, Iterable
 
-from dftx.update import CREATE, DELETE, SEND_ALL_TOPIC, SET, DbUpdate
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dftx.deferreds import gather
+from dftx.update import CREATE, DBRESTART, DELETE, SEND_ALL_TOPIC, SET, SYNC, DbUpdate
+
+log = Logger()
+Observer = Callable[[DbUpdate], Any]
 
 RowId = tuple[str | None, str]  # (topic, key)
 Scope = frozenset[str | None]  # topics, None for rows without topic
@@ -64,10 +78,13 @@ class LocalCache:
         """A copy of C{table}'s rows, C{(topic, key) -> value}."""
         return dict(self._rows.get(table, {}))
 
-    def values(self, table: str) -> dict[str, str]:
+    def values(self, table: str) -> dict[str, str] | None:
         """C{table}'s rows as C{key -> value} (a key kept under two topics
-        shows the value of the topic that sorts last)."""
-        items = sorted(self._rows.get(table, {}).items(), key=lambda i: (i[0][0] or "", i[0][1]))
+        shows the value of the topic that sorts last); None for a table
+        that is not kept."""
+        if table not in self._rows:
+            return None
+        items = sorted(self._rows[table].items(), key=lambda i: (i[0][0] or "", i[0][1]))
         return {key: value for (_, key), value in items}
 
     def get(self, table: str, key: str, topic: str | None = None) -> str | None:
@@ -150,3 +167,198 @@ class LocalCache:
     def abandon(self, snap: Snapshot) -> None:
         """End the resync C{snap} without changing anything (the read failed)."""
         self._snapshots.remove(snap)
+
+
+class Mirror:
+    """
+    Keeps a L{LocalCache} of C{tables} equal to the database C{db} for the
+    subscribed C{topics} (C{"D"} always among them).
+
+    Feed it every update the subscriber delivers (L{received}): rows are
+    applied, a C{dbrestart} resyncs everything and a C{sync} its topic.
+    L{resync} diffs the cache against the database (one L{get_all_rows}
+    per table, which a Redis driver serves with one SCAN and per-slot
+    batches) and applies only the differences.  Resync requests that
+    arrive while one runs are merged into the next run; a resync that fails
+    (the database unreachable during a failover) is retried after a delay
+    that doubles up to C{max_delay} seconds.  Every real change goes to the
+    observers.
+
+    @ivar counters: C{changes}, C{resyncs}, C{resync_errors},
+        C{resync_changes}, C{observer_errors}.
+    """
+
+    def __init__(self, db: Any, tables: Iterable[str], topics: Iterable[str] = (),
+                 clock: IReactorTime | None = None, max_delay: float = 5.0) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.db = db
+        self.cache = LocalCache(tables)
+        self.topics: set[str] = {SEND_ALL_TOPIC, *topics}
+        self.counters: Counter[str] = Counter()
+        self._observers: list[Observer] = []
+        self._resync = _Coalesced(self._resync_once, clock, max_delay=max_delay)
+
+    def add_observer(self, observer: Observer) -> None:
+        """Call C{observer(update)} with every change made to the cache (a
+        C{create}, C{set} or C{delete} L{DbUpdate}); a Deferred it returns
+        is not waited for, and its errors are logged and counted."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        self._observers.remove(observer)
+
+    def received(self, update: DbUpdate) -> None:
+        """Act on an update from the subscriber (see the class docstring)."""
+        if update.action == DBRESTART:
+            self.resync()
+        elif update.action == SYNC:
+            self.resync(None if update.topic is None else [update.topic])
+        elif row_topic(update.topic) in {row_topic(t) for t in self.topics}:
+            change = self.cache.apply(update)
+            if change is not None:
+                self._changed([change])
+
+    def add_topic(self, topic: str) -> defer.Deferred[None]:
+        """Keep C{topic}'s rows too.  @return: Deferred firing once loaded."""
+        self.topics.add(topic)
+        return self.resync([topic])
+
+    def remove_topic(self, topic: str) -> None:
+        """Drop C{topic}'s rows (observers see them deleted)."""
+        if topic == SEND_ALL_TOPIC:
+            raise ValueError(f"topic {SEND_ALL_TOPIC!r} is always kept")
+        self.topics.discard(topic)
+        self._changed(self.cache.reconcile(self.cache.snapshot([topic]), {
+            t: [] for t in self.cache.tables}))
+
+    def resync(self, topics: Iterable[str] | None = None) -> defer.Deferred[None]:
+        """
+        Make the cache equal to the database for C{topics} (None: every kept
+        topic).
+
+        @return: Deferred firing once a resync that began after this call
+            has ended (it never fails: a failed read is retried).
+        """
+        return self._resync.request(None if topics is None else {row_topic(t) for t in topics})
+
+    def close(self) -> defer.Deferred[None]:
+        """Stop resyncing.  @return: Deferred firing once none runs."""
+        return self._resync.idle()
+
+    async def _resync_once(self, scope: set[str | None] | None) -> None:
+        kept = {row_topic(t) for t in self.topics}
+        topics = kept if scope is None else scope & kept
+        if not topics:
+            return
+        snap = self.cache.snapshot(topics)
+        only = next(iter(topics)) if len(topics) == 1 else None
+        tables = sorted(self.cache.tables)
+        try:
+            found = await gather(self.db.get_all_rows(t, only) for t in tables)
+        except Exception:
+            self.cache.abandon(snap)
+            self.counters["resync_errors"] += 1
+            raise
+        changes = self.cache.reconcile(snap, dict(zip(tables, found)))
+        self.counters["resyncs"] += 1
+        self.counters["resync_changes"] += len(changes)
+        if changes:
+            log.info("resync of {topics}: {n} changes", n=len(changes),
+                     topics=sorted(t or SEND_ALL_TOPIC for t in topics))
+        self._changed(changes)
+
+    def _changed(self, changes: list[DbUpdate]) -> None:
+        self.counters["changes"] += len(changes)
+        for change in changes:
+            for observer in list(self._observers):
+                try:
+                    result = observer(change)
+                except Exception:
+                    self._observer_failed(Failure(), change)
+                    continue
+                if isinstance(result, defer.Deferred):
+                    result.addErrback(self._observer_failed, change)
+
+    def _observer_failed(self, failure: Failure, change: DbUpdate) -> None:
+        self.counters["observer_errors"] += 1
+        log.failure("observer failed on {change!r}", failure, change=change)
+
+
+class _Coalesced:
+    """
+    Runs C{work(scope)} one at a time.  Requests that arrive while it runs
+    are merged (a scope of None means everything) into the next run; a run
+    that fails is retried, merged with what came in meanwhile, after a
+    delay that doubles up to C{max_delay}.
+    """
+
+    def __init__(self, work: Callable[[Any], Any], clock: IReactorTime,
+                 delay: float = 0.2, max_delay: float = 5.0) -> None:
+        self._work = work
+        self._clock = clock
+        self._delay = delay
+        self._max_delay = max_delay
+        self._scope: set[Any] | None = set()
+        self._wanted = False
+        self._waiters: list[defer.Deferred[None]] = []
+        self._running: defer.Deferred[None] | None = None
+        self._sleeping: defer.Deferred[None] | None = None
+
+    def request(self, scope: set[Any] | None) -> defer.Deferred[None]:
+        """@return: Deferred firing once a run that covers C{scope} and
+        began after this call has succeeded."""
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._merge(scope, [waiter])
+        if self._running is None:
+            self._running = defer.ensureDeferred(self._loop())
+        return waiter
+
+    def _merge(self, scope: set[Any] | None, waiters: list[defer.Deferred[None]]) -> None:
+        self._scope = None if scope is None or self._scope is None else self._scope | scope
+        self._waiters = waiters + self._waiters
+        self._wanted = True
+
+    async def _loop(self) -> None:
+        delay = self._delay
+        try:
+            while self._wanted:
+                scope, waiters = self._scope, self._waiters
+                self._scope, self._waiters, self._wanted = set(), [], False
+                try:
+                    await defer.maybeDeferred(self._work, scope)
+                except Exception as e:
+                    log.warn("resync failed (retrying in {delay}s): {error}", delay=delay,
+                             error=e)
+                    self._merge(scope, waiters)
+                    self._sleeping = task.deferLater(self._clock, delay, lambda: None)
+                    try:
+                        await self._sleeping
+                    except defer.CancelledError:
+                        return
+                    finally:
+                        self._sleeping = None
+                    delay = min(delay * 2, self._max_delay)
+                    continue
+                delay = self._delay
+                for waiter in waiters:
+                    waiter.callback(None)
+        finally:
+            self._running = None
+
+    def idle(self) -> defer.Deferred[None]:
+        """
+        Stop: drop pending requests (their Deferreds fire), cancel a retry
+        wait.  @return: Deferred firing once no run is under way.
+        """
+        self._wanted = False
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        if self._sleeping is not None:
+            self._sleeping.cancel()
+        if self._running is None:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+        self._running.addBoth(lambda _: done.callback(None))
+        return done

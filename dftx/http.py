@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort
@@ -125,6 +125,59 @@ class Metrics(_Leaf):
 class Status(_Leaf):
     def render_GET(self, request: server.Request) -> bytes:
         return json_body(request, self.source.status())
+
+
+class JsonLeaf(resource.Resource):
+    """C{GET}: the JSON of what C{produce()} returns."""
+
+    isLeaf = True
+
+    def __init__(self, produce: Callable[[], Any]) -> None:
+        super().__init__()
+        self.produce = produce
+
+    def render_GET(self, request: server.Request) -> bytes:
+        return json_body(request, self.produce())
+
+
+class Tables(resource.Resource):
+    """
+    C{GET /v1/tables/<table>}: the JSON object key -> value of a cached
+    table, a value that is JSON text given parsed; 404 for a table that is
+    not cached.
+
+    @param rows: table name -> its C{key -> value} dict, or None when the
+        table is not kept.
+    """
+
+    def __init__(self, rows: Callable[[str], dict[str, str] | None]) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        return _Table(self.rows, path.decode("utf-8", "replace"))
+
+
+class _Table(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, rows: Callable[[str], dict[str, str] | None], table: str) -> None:
+        super().__init__()
+        self.rows = rows
+        self.table = table
+
+    def render_GET(self, request: server.Request) -> bytes:
+        found = self.rows(self.table)
+        if found is None:
+            return json_body(request, {"error": f"table {self.table!r} is not cached"}, 404)
+        return json_body(request, {key: _parsed(value) for key, value in found.items()})
+
+
+def _parsed(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 class StatusRoot(resource.Resource):

@@ -12,6 +12,18 @@ C{publisher_timeout / 3} seconds and deletes every publisher row not
 refreshed for C{publisher_timeout}.  It serves C{/healthz}, C{/metrics} and
 C{/v1/status} on C{http_endpoint}.
 
+With the Redis NB driver it also runs the HA watcher (L{dftx.ha}): the
+cluster topology is published on topic C{"redis"} when it changes, and a
+change of masters is followed by a C{dbrestart} on C{"D"} so that every
+controller resyncs.  It subscribes to the local controllers' publishers
+(found through table C{publisher}, role df_local_controller) and mirrors
+table C{port_status}, served at C{/v1/tables/port_status}; an embedding
+application can observe it (C{service.port_status.add_observer}).
+
+With C{pub_sub_driver = redis} or C{redis_sharded} there is nothing to
+bind or relay: the watcher publishes and the mirror subscribes through
+Redis.
+
 On SIGTERM it deletes its row (announcing the deletion to its
 subscribers), closes its sockets and removes the ipc file.  When it cannot
 start (database unreachable, address in use), it logs why and exits with
@@ -23,19 +35,21 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application import service
 from twisted.logger import Logger
-from twisted.python import usage
 
 from dftx import config as dfconfig
-from dftx import http
-from dftx.errors import ConfigError
+from dftx import http, pubsub, runner
+from dftx.cache import Mirror
+from dftx.ha import ClusterWatcher
 from dftx.http import Metric
-from dftx.nb import db_from_config
-from dftx.pubsub.registry import Registration
-from dftx.pubsub.zmq import ZmqPubSub, ZmqPublisher, ZmqRelay
+from dftx.nb import NbApi, db_from_config
+from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
+from dftx.pubsub.zmq import ZmqPublisher, ZmqRelay
+from dftx.update import DbUpdate
 
 log = Logger()
+
+PORT_STATUS_TABLE = "port_status"
 
 
 def zmq_address(host: str, port: int) -> str:
@@ -52,83 +66,88 @@ def advertised_uri(bind_address: str, port: int, management_ip: str) -> str:
     return zmq_address(host, port)
 
 
-class PublisherService(service.Service):
+class PublisherService(runner.RoleService):
     """
     The dfpublisher service for a loaded L{dftx.config.Config}.
     L{exit_code} is 1 once starting failed.
+
+    @ivar port_status: the L{Mirror} of table C{port_status}.
     """
 
     name = "dfpublisher"
 
     def __init__(self, config: dfconfig.Config) -> None:
-        self.config = config
-        self.db: Any = None
-        self.publisher: ZmqPublisher | None = None
+        super().__init__(config)
+        self.db = db_from_config(config)
+        self.port_status = Mirror(self.db, [PORT_STATUS_TABLE])
+        self.publisher: Any = None
         self.relay: ZmqRelay | None = None
         self.registration: Registration | None = None
+        self.subscriber: Any = None
+        self.discovery: Discovery | None = None
+        self.watcher: ClusterWatcher | None = None
         self.root = http.StatusRoot(self)
-        self.exit_code = 0
+        self.root.v1.putChild(b"tables", http.Tables(self.port_status.cache.values))
         self._http_port: Any = None
-        self._missing: str | None = "starting"
 
     # --- lifecycle ---------------------------------------------------------------
-
-    def startService(self) -> None:
-        super().startService()
-        from twisted.internet import defer
-
-        defer.ensureDeferred(self._start()).addErrback(self._fatal)
 
     async def _start(self) -> None:
         cfg, ns = self.config, self.config.neutron_server
         self._http_port = await http.listen(ns.http_endpoint, self.root)
-        self._missing = "NB database not connected"
-        self.db = db_from_config(cfg)
+        self.missing = "NB database not connected"
         await self.db.initialize()
-        if cfg.df.pub_sub_driver != "zmq":
-            log.info("pub_sub_driver = {driver}: nothing to relay or register",
-                     driver=cfg.df.pub_sub_driver)
-            self._missing = None
-            return
-        self._missing = "publisher not bound"
-        self.publisher = ZmqPubSub(
-            bind=zmq_address(ns.publisher_bind_address, ns.publisher_port)).get_publisher()
+        self.missing = "publisher not bound"
+        bind = zmq_address(ns.publisher_bind_address, ns.publisher_port)
+        self.publisher = pubsub.from_config(cfg, bind=bind).get_publisher()
         await self.publisher.initialize()
-        if ns.pub_sub_use_multiproc:
+        if isinstance(self.publisher, ZmqPublisher) and ns.pub_sub_use_multiproc:
             path = ns.publisher_multiproc_socket
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             self.relay = ZmqRelay(f"ipc://{path}", self.publisher)
             self.relay.start()
-        self._missing = "not registered"
+        self.missing = "not registered"
         uri = advertised_uri(ns.publisher_bind_address, ns.publisher_port, cfg.df.management_ip)
         self.registration = Registration(
             self.db, self.publisher.id, uri, dfconfig.NEUTRON_SERVER,
             cfg.df.publisher_timeout, publisher=self.publisher, clean_stale=True)
         self.registration.startService()
         await self.registration.started
-        self._missing = None
+        self.missing = "not subscribed"
+        self.subscriber = pubsub.from_config(cfg).get_subscriber()
+        await self.subscriber.register_topic("D")
+        await self.subscriber.initialize(self._received)
+        if pubsub.needs_discovery(cfg):
+            self.discovery = Discovery(self.db, self.subscriber, dfconfig.NEUTRON_SERVER,
+                                       cfg.df.publisher_timeout)
+            self.discovery.startService()
+            await self.discovery.ready
+        self.missing = "initial load"
+        await self.port_status.resync()
+        client = getattr(self.db, "client", None)
+        if client is not None:
+            nb = NbApi(self.db, self.publisher)
+            self.watcher = ClusterWatcher(client, self.publisher,
+                                          cfg.df_redis.cluster_watch_interval,
+                                          on_failover=nb.db_restart)
+            self.watcher.startService()
+        self.missing = None
         log.info("dfpublisher {id} publishing on {uri}{relay}", id=self.publisher.id, uri=uri,
                  relay=f", relaying ipc://{ns.publisher_multiproc_socket}" if self.relay else "")
 
-    def _fatal(self, failure: Any) -> None:
-        from twisted.internet import reactor
-
-        log.critical("dfpublisher cannot start: {error}", error=failure.getErrorMessage())
-        self.exit_code = 1
-        if reactor.running:
-            reactor.stop()
-        else:
-            reactor.callWhenRunning(reactor.stop)
-
-    def stopService(self) -> Any:
-        """@return: Deferred firing once the row is deleted and everything is closed."""
-        from twisted.internet import defer
-
-        super().stopService()
-        return defer.ensureDeferred(self._stop())
+    def _received(self, update: DbUpdate) -> None:
+        if self.discovery is not None and (update.is_control or update.table == PUBLISHER_TABLE):
+            self.discovery.observe(update)
+        self.port_status.received(update)
 
     async def _stop(self) -> None:
-        self._missing = "stopping"
+        if self.watcher is not None and self.watcher.running:
+            await self.watcher.stopService()
+        if self.discovery is not None and self.discovery.running:
+            await self.discovery.stopService()
+        if self.subscriber is not None:
+            await self.subscriber.close()
+        await self.port_status.close()
         if self.registration is not None and self.registration.running:
             await self.registration.stopService()
         if self.relay is not None:
@@ -137,27 +156,29 @@ class PublisherService(service.Service):
             await self.publisher.close()
         if self._http_port is not None:
             await self._http_port.stopListening()
-        if self.db is not None:
-            await self.db.close()
+        await self.db.close()
 
     # --- IStatusSource -------------------------------------------------------------
-
-    def ready(self) -> str | None:
-        return self._missing
 
     def status(self) -> dict[str, Any]:
         topology = getattr(getattr(self.db, "client", None), "topology", None)
         reg = self.registration
+        sub = self.subscriber
         return {
             "role": dfconfig.NEUTRON_SERVER,
-            "ready": self._missing is None,
-            "not_ready": self._missing,
+            "ready": self.missing is None,
+            "not_ready": self.missing,
             "publisher": None if reg is None else {
-                "id": reg.id, "uri": reg.uri, "bound": self.publisher.uri if self.publisher else None,
+                "id": reg.id, "uri": reg.uri,
+                "bound": getattr(self.publisher, "uri", None),
             },
             "relay": None if self.relay is None else self.relay.address,
             "cluster": topology.as_dict() if topology is not None else None,
-            "subscriptions": [],
+            "subscriptions": {
+                "topics": sorted(sub.topics) if sub else [],
+                "publishers": sorted(sub.addresses) if sub else [],
+            },
+            "port_status_rows": len(self.port_status.cache),
             "counters": self._counters(),
         }
 
@@ -168,6 +189,11 @@ class PublisherService(service.Service):
         if self.registration is not None:
             counters["registry_refreshes"] = self.registration.refreshes
             counters["registry_stale_removed"] = len(self.registration.removed)
+        if self.watcher is not None:
+            counters.update({f"ha_{k}": v for k, v in self.watcher.counters.items()})
+        if self.subscriber is not None:
+            counters.update({f"subscriber_{k}": v for k, v in self.subscriber.counters.items()})
+        counters.update({f"port_status_{k}": v for k, v in self.port_status.counters.items()})
         return counters
 
     def metrics(self) -> list[Metric]:
@@ -175,7 +201,7 @@ class PublisherService(service.Service):
         reg = self.registration
         return [
             Metric("dftx_ready", "gauge", "1 once the service is ready.").add(
-                int(self._missing is None), role=dfconfig.NEUTRON_SERVER),
+                int(self.missing is None), role=dfconfig.NEUTRON_SERVER),
             Metric("dftx_relay_messages_total", "counter",
                    "Messages the relay received over ipc, by outcome.")
             .add(relay.get("relayed", 0), result="relayed")
@@ -183,7 +209,12 @@ class PublisherService(service.Service):
             .add(relay.get("publish_errors", 0), result="publish_error"),
             Metric("dftx_publisher_queued_messages", "gauge",
                    "Messages waiting in the PUB socket's local queue.").add(
-                self.publisher.queued if self.publisher else 0),
+                getattr(self.publisher, "queued", 0)),
+            Metric("dftx_ha_topologies_published_total", "counter",
+                   "Redis topologies the HA watcher published.").add(
+                self.watcher.counters["published"] if self.watcher else 0),
+            Metric("dftx_port_status_rows", "gauge",
+                   "Rows of table port_status mirrored here.").add(len(self.port_status.cache)),
             Metric("dftx_registry_refreshes_total", "counter",
                    "Refreshes of this publisher's row.").add(reg.refreshes if reg else 0),
             Metric("dftx_registry_stale_removed_total", "counter",
@@ -192,31 +223,9 @@ class PublisherService(service.Service):
         ]
 
 
-class Options(usage.Options):
-    optParameters = [["config", "c", None, "The INI file ([df], [df_redis], [neutron_server])."]]
-
-    def postOptions(self) -> None:
-        if not self["config"]:
-            raise usage.UsageError("--config FILE is required")
+def makeService(options: runner.Options) -> PublisherService:
+    """twistd's entry point (see L{dftx.runner.make_service})."""
+    return runner.make_service(options, dfconfig.NEUTRON_SERVER, PublisherService)
 
 
-def makeService(options: Options) -> PublisherService:
-    """
-    twistd's entry point.  A configuration that cannot be used ends the
-    process with status 1 and a message naming the file, section and key.
-    """
-    from twisted.internet import reactor
-
-    try:
-        cfg = dfconfig.load(options["config"], dfconfig.NEUTRON_SERVER)
-    except ConfigError as e:
-        raise SystemExit(f"dfpublisher: bad configuration: {e}") from None
-    svc = PublisherService(cfg)
-    reactor.addSystemEventTrigger("after", "shutdown", _exit_if_failed, svc)
-    return svc
-
-
-def _exit_if_failed(svc: PublisherService) -> None:
-    """After shutdown: end with the service's failure status (twistd has none)."""
-    if svc.exit_code:
-        os._exit(svc.exit_code)
+Options = runner.Options

@@ -13,7 +13,7 @@ from twisted.internet import defer, protocol, reactor
 
 from dftx.errors import ClusterDownError, DBConnectionError, ProtocolError, ReplyError
 from dftx.redis.cluster import ClusterClient
-from dftx.redis.deferreds import gather
+from dftx.deferreds import gather
 from dftx.redis.slots import SLOTS, key_slot
 from dftx.redis.topology import Shard, Topology
 from dftx.servers import poll

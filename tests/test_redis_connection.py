@@ -7,7 +7,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from dftx.redis.connection import NodeConnection
-from dftx.redis.deferreds import gather
+from dftx.deferreds import gather
 from dftx.redis.endpoints import NodeEndpoints
 from dftx.errors import ReplyError
 from dftx.redis.resp import ConnectionClosed, NodeUnreachable

@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 
 from dftx.redis.cluster import ClusterClient
-from dftx.redis.deferreds import gather
+from dftx.deferreds import gather
 from dftx.redis.slots import SLOTS, crc16, hash_tag, key_slot
 
 

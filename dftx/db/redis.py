@@ -28,7 +28,7 @@ from zope.interface import implementer
 from dftx.db.api import INbDbDriver, check_names, check_value
 from dftx.errors import DBConnectionError, DBKeyAmbiguous, DBKeyNotFound, ProtocolError
 from dftx.redis.cluster import ClusterClient, NotReplicated
-from dftx.redis.deferreds import gather
+from dftx.deferreds import gather
 from dftx.redis.endpoints import TLSOptions
 from dftx.errors import ReplyError
 from dftx.redis.slots import key_slot

@@ -1,0 +1,32 @@
+"""
+Publish/subscribe: the API (L{dftx.pubsub.api}), the drivers
+(L{dftx.pubsub.zmq}, L{dftx.pubsub.redis}) and publisher registration
+(L{dftx.pubsub.registry}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def from_config(config: Any, bind: str | None = None) -> Any:
+    """
+    The pub/sub manager that [df] pub_sub_driver names: C{zmq} gives a
+    L{dftx.pubsub.zmq.ZmqPubSub} whose publishers bind C{bind} (None: it
+    makes subscribers only); C{redis} and C{redis_sharded} give a
+    L{dftx.pubsub.redis.RedisPubSub} on [df] remote_db_hosts ([df_redis]
+    settings), for which C{bind} means nothing.
+    """
+    if config.df.pub_sub_driver == "zmq":
+        from dftx.pubsub.zmq import ZmqPubSub
+
+        return ZmqPubSub(bind=bind)
+    from dftx.pubsub.redis import RedisPubSub
+
+    return RedisPubSub.from_config(config)
+
+
+def needs_discovery(config: Any) -> bool:
+    """Whether subscribers find publishers through table C{publisher}
+    (brokerless ZeroMQ) rather than through the broker."""
+    return config.df.pub_sub_driver == "zmq"

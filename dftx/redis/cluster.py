@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 
 from dftx.errors import ClusterDownError, DBConnectionError, ProtocolError, ReplyError
 from dftx.redis.connection import NodeConnection, ProtocolClass
-from dftx.redis.deferreds import Shared, gather
+from dftx.deferreds import Shared, gather
 from dftx.redis.endpoints import NodeEndpoints, TLSOptions
 from dftx.redis.resp import ConnectionClosed, NodeUnreachable, RespProtocol
 from dftx.redis.slots import SLOTS

@@ -25,8 +25,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dftx.errors import ReplyError
-from dftx.redis.deferreds import Shared
-from dftx.redis.resp import ConnectionClosed, NodeUnreachable, RespProtocol
+from dftx.deferreds import Shared
+from dftx.redis.resp import NodeUnreachable, RespProtocol
 
 log = Logger()
 
