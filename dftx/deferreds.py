@@ -1,4 +1,4 @@
-"""Small Deferred helpers the Redis client layers share."""
+"""Small Deferred helpers the layers share."""
 
 from __future__ import annotations
 
