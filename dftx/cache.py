@@ -311,7 +311,9 @@ class _Coalesced:
         waiter: defer.Deferred[None] = defer.Deferred()
         self._merge(scope, [waiter])
         if self._running is None:
-            self._running = defer.ensureDeferred(self._loop())
+            running = defer.ensureDeferred(self._loop())
+            if not running.called:  # a run that ended at once has cleared it
+                self._running = running
         return waiter
 
     def _merge(self, scope: set[Any] | None, waiters: list[defer.Deferred[None]]) -> None:

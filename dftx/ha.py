@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dftx.deferreds import Shared
 from dftx.errors import DftxError, ProtocolError
 from dftx.redis.topology import Topology
 from dftx.update import SET, DbUpdate
@@ -105,7 +106,7 @@ class ClusterWatcher(service.Service):
         self._seen: Topology | None = None
         self._hook_pending = False
         self._loop: task.LoopingCall | None = None
-        self._running_check: defer.Deferred[None] | None = None
+        self._running_check: Shared | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -120,26 +121,25 @@ class ClusterWatcher(service.Service):
             self._loop.stop()
         if self._running_check is None:
             return defer.succeed(None)
-        done: defer.Deferred[None] = defer.Deferred()
-        self._running_check.addBoth(lambda _: done.callback(None))
-        return done
+        return self._running_check.wait()
 
     def check(self) -> defer.Deferred[None]:
         """
         Check now (a check under way is joined).  @return: Deferred that
         fires (never fails) when the check is done.
         """
-        if self._running_check is None:
-            self._running_check = defer.ensureDeferred(self._check())
-            self._running_check.addBoth(self._checked)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._running_check.addBoth(lambda _: waiter.callback(None))
+        if self._running_check is not None:
+            return self._running_check.wait()
+        shared = self._running_check = Shared()
+        waiter = shared.wait()  # before starting: the check may end at once
+        defer.ensureDeferred(self._check()).addBoth(self._checked, shared)
         return waiter
 
-    def _checked(self, result: Any) -> None:
+    def _checked(self, result: Any, shared: Shared) -> None:
         self._running_check = None
         if isinstance(result, Failure):
             log.failure("cluster check failed", result)
+        shared.fire(None)
 
     async def _check(self) -> None:
         self.counters["checks"] += 1

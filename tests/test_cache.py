@@ -128,3 +128,93 @@ def test_db_writes_and_updates_racing_a_resync_converge(writes, read_at, in_flig
     c.reconcile(snap, {"lport": [(None, k, v) for k, v in states[read_at].items()]})
     assert c.values("lport") == db
     assert c.reconcile(c.snapshot([None]), {"lport": [(None, k, v) for k, v in db.items()]}) == []
+
+
+# --- Mirror: the cache, its database and its observers --------------------------------
+
+import pytest_twisted  # noqa: E402
+from twisted.internet import defer  # noqa: E402
+
+from dftx.cache import Mirror  # noqa: E402
+from dftx.db.memory import MemoryDbDriver  # noqa: E402
+from dftx.db.redis import RedisDbDriver  # noqa: E402
+from dftx.servers import poll  # noqa: E402
+
+aio = pytest_twisted.ensureDeferred
+
+
+@aio
+async def test_mirror_loads_applies_and_tells_observers():
+    db = MemoryDbDriver()
+    await db.create_key("lport", "a", "1")
+    await db.create_key("lport", "t", "in t1", topic="t1")
+    await db.create_key("lport", "x", "in t2", topic="t2")
+    m = Mirror(db, ["lport"], topics=["t1"])
+    seen = []
+    m.add_observer(seen.append)
+    m.add_observer(lambda u: 1 / 0)  # a failing observer does not stop the others
+    await m.resync()
+    assert m.cache.rows("lport") == {(None, "a"): "1", ("t1", "t"): "in t1"}
+    assert len(seen) == 2 and m.counters["observer_errors"] == 2
+    m.received(u(SET, "a", "2"))
+    m.received(u(CREATE, "y", "not kept", topic="t2"))  # a topic it does not keep
+    assert m.cache.values("lport") == {"a": "2", "t": "in t1"} and seen[-1] == u(SET, "a", "2")
+    await m.add_topic("t2")
+    assert m.cache.get("lport", "x", "t2") == "in t2"
+    m.remove_topic("t2")
+    assert seen[-1] == u(DELETE, "x", topic="t2") and m.cache.get("lport", "x", "t2") is None
+    await m.close()
+
+
+@aio
+async def test_mirror_sync_of_one_topic_reads_only_that_topic():
+    db = MemoryDbDriver()
+    m = Mirror(db, ["lport"], topics=["t1"])
+    await m.resync()
+    await db.create_key("lport", "a", "1")
+    await db.create_key("lport", "b", "1", topic="t1")
+    reads = []
+    real = db.get_all_rows
+    db.get_all_rows = lambda table, topic=None: reads.append(topic) or real(table, topic)
+    m.received(DbUpdate.control("sync", "t1"))
+    await poll(lambda: m.cache.get("lport", "b", "t1") == "1", 5, "t1 resynced")
+    assert reads == ["t1"] and m.cache.get("lport", "a") is None
+    m.received(DbUpdate.control("dbrestart"))
+    await poll(lambda: m.cache.get("lport", "a") == "1", 5, "everything resynced")
+    await m.close()
+
+
+@aio
+async def test_mirror_requests_during_a_resync_merge_into_one_more(redis_single, unique):
+    db = RedisDbDriver([redis_single.address])
+    await db.initialize()
+    m = Mirror(db, [unique], topics=["t1", "t2"])
+    try:
+        first = m.resync(["t1"])
+        more = [m.resync(["t2"]) for _ in range(10)] + [m.resync()]
+        await defer.gatherResults([first, *more])
+        assert m.counters["resyncs"] == 2
+    finally:
+        await m.close()
+        await db.close()
+
+
+@aio
+async def test_mirror_resync_retries_while_the_database_is_unreachable(redis_single, unique):
+    db = RedisDbDriver([redis_single.address], retries=1, timeout=0.3)
+    await db.initialize()
+    m = Mirror(db, [unique], max_delay=0.3)
+    try:
+        await db.create_key(unique, "k", "v")
+        redis_single.pause()
+        try:
+            done = m.resync()
+            await poll(lambda: m.counters["resync_errors"] >= 2, 10, "failed resyncs")
+            assert not done.called
+        finally:
+            redis_single.resume()
+        await done
+        assert m.cache.values(unique) == {"k": "v"}
+    finally:
+        await m.close()
+        await db.close()
