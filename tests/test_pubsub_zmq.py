@@ -357,3 +357,38 @@ async def test_relay_bind_failure_is_publish_error(tmp_path):
         assert "no/such/dir" in str(info.value)
     finally:
         await out.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_publisher_restarted_at_the_same_address_gives_dbrestart():
+    from dftx.servers import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    pub = await publisher(address)
+    sub, got = await subscriber(address)
+    try:
+        await joined(pub, got)
+        assert not [u for u in got.updates if u.is_control]
+        await pub.close()
+        again = []
+
+        async def rebind():  # ZeroMQ releases the port in its own thread
+            try:
+                again.append(await publisher(address))
+            except PublishError:
+                return False
+            return True
+        await poll(rebind, 10, "bind again")
+        pub = again[0]
+        await poll(lambda: [u for u in got.updates if u.action == "dbrestart"], 10,
+                   "dbrestart after the publisher came back")
+        assert sub.counters["restarts"] == 1
+        await joined(pub, got, key="after")
+        # Closing the subscriber's own connection is not a restart.
+        await sub.unregister_listen_address(address)
+        await sub.register_listen_address(address)
+        await joined(pub, got, key="again")
+        assert sub.counters["restarts"] == 1
+    finally:
+        await sub.close()
+        await pub.close()

@@ -44,6 +44,7 @@ from collections import Counter, deque
 from typing import Callable, Sequence
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 from twisted.internet import defer
 from twisted.logger import Logger
 from txzmq import ZmqFactory
@@ -124,6 +125,9 @@ class ZmqSocket(ZmqConnection):
 
     def connect(self, address: str) -> None:
         self.socket.connect(address)
+        # The fd is edge-triggered: messages that arrive before the first
+        # read may never make it readable again.
+        self._wake()
 
     def disconnect(self, address: str) -> None:
         self.socket.disconnect(address)
@@ -338,12 +342,19 @@ class ZmqSubscriber(SubscriberBase):
     the topics registered so far.  ZeroMQ does not say which publisher
     sent a message, so undecodable messages are logged once per
     subscriber rather than per peer.
+
+    ZeroMQ reconnects by itself; the subscriber watches the socket's
+    connection events, and when a publisher that was disconnected is
+    connected again (a restarted publisher service, a network cut) it
+    delivers a C{dbrestart}: what was sent meanwhile is lost.
     """
 
     def __init__(self, hwm: int = DEFAULT_HWM) -> None:
         super().__init__()
         self._hwm = hwm
         self._socket: ZmqSocket | None = None
+        self._monitor: ZmqSocket | None = None
+        self._lost: set[str] = set()
         self._warned = False
 
     def initialize(self, callback: Callback) -> defer.Deferred[None]:
@@ -352,6 +363,10 @@ class ZmqSubscriber(SubscriberBase):
         self._set_callback(callback)
         self.topics.add(SEND_ALL_TOPIC)
         self._socket = ZmqSocket(zmq.SUB, "zmq SUB", self._hwm, on_message=self._frames)
+        watch = f"inproc://dftx-sub-monitor-{id(self._socket)}"
+        self._socket.socket.monitor(watch, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = ZmqSocket(zmq.PAIR, "zmq SUB monitor", on_message=self._event)
+        self._monitor.connect(watch)
         for topic in self.topics:
             self._socket.socket.subscribe(topic.encode("utf-8"))
         for uri in list(self.addresses):
@@ -373,6 +388,18 @@ class ZmqSubscriber(SubscriberBase):
                 self.log.warn("dropping malformed ZeroMQ message: {error}", error=e)
             return
         self._message(topic, data, self._socket.name if self._socket else None)
+
+    def _event(self, frames: list[bytes]) -> None:
+        """A connection event of the SUB socket."""
+        event = parse_monitor_message(frames)
+        endpoint = event["endpoint"].decode("utf-8", "replace")
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            self._lost.add(endpoint)
+            self.log.info("disconnected from publisher {uri}", uri=endpoint)
+        elif endpoint in self._lost:
+            self._lost.discard(endpoint)
+            self.log.info("reconnected to publisher {uri}: resync", uri=endpoint)
+            self._restored()
 
     def register_topic(self, topic: str) -> defer.Deferred[None]:
         if topic not in self.topics:
@@ -408,6 +435,7 @@ class ZmqSubscriber(SubscriberBase):
     def unregister_listen_address(self, uri: str) -> defer.Deferred[None]:
         if uri in self.addresses:
             self.addresses.discard(uri)
+            self._lost.discard(uri)
             if self._socket is not None:
                 try:
                     self._socket.disconnect(uri)
@@ -417,7 +445,11 @@ class ZmqSubscriber(SubscriberBase):
 
     def close(self) -> defer.Deferred[None]:
         sock, self._socket = self._socket, None
-        return sock.close(0) if sock else defer.succeed(None)
+        monitor, self._monitor = self._monitor, None
+        if sock is None:
+            return defer.succeed(None)
+        sock.socket.disable_monitor()
+        return defer.DeferredList([sock.close(0), monitor.close(0)]).addCallback(lambda _: None)
 
 
 class ZmqRelay:
