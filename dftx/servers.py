@@ -17,10 +17,12 @@ it is still running, so a failing test cannot leave servers behind.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -745,3 +747,117 @@ class OvsdbServer:
         await self.kill()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TWISTD_MAIN = "from twisted.scripts.twistd import run; run()"
+
+
+class DftxService:
+    """
+    One dftx service, C{twistd -n dfpublisher|dfcontroller --config FILE},
+    as a child process of this Python, with its configuration file and log
+    in C{directory}.  L{publisher} and L{controller} write the usual
+    configuration for the harness's servers.
+    """
+
+    def __init__(self, plugin: str, directory: Path, config: str, http_port: int) -> None:
+        self.plugin = plugin
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.http_port = http_port
+        self.config = self.dir / "dftx.ini"
+        self.config.write_text(config)
+        self.process = ChildProcess(
+            [sys.executable, "-c", TWISTD_MAIN, "-n", "--pidfile=", plugin,
+             "--config", str(self.config)],
+            self.dir / "twistd.log", self.dir)
+
+    @classmethod
+    def publisher(cls, directory: Path, seeds: Sequence[str], pub_sub_driver: str = "zmq",
+                  publisher_timeout: int = 30, cluster_watch_interval: float = 0.5,
+                  extra: str = "") -> "DftxService":
+        """dfpublisher on free ports, relaying C{ipc://DIR/publisher.sock}."""
+        directory = Path(directory)
+        http_port, port = free_port(), free_port()
+        svc = cls("dfpublisher", directory, f"""\
+[df]
+nb_db_driver = redis
+remote_db_hosts = {",".join(seeds)}
+pub_sub_driver = {pub_sub_driver}
+publisher_timeout = {publisher_timeout}
+[df_redis]
+cluster_watch_interval = {cluster_watch_interval}
+[neutron_server]
+publisher_port = {port}
+publisher_multiproc_socket = {directory / "publisher.sock"}
+http_endpoint = tcp:{http_port}:interface=127.0.0.1
+{extra}""", http_port)
+        svc.uri = f"tcp://127.0.0.1:{port}"
+        svc.ipc = f"ipc://{directory / 'publisher.sock'}"
+        return svc
+
+    @classmethod
+    def controller(cls, directory: Path, seeds: Sequence[str], chassis: str, ovsdb: str,
+                   pub_sub_driver: str = "zmq", publisher_timeout: int = 30,
+                   tables: str = "lport,lswitch,chassis", db_sync_time: float = 120,
+                   extra: str = "") -> "DftxService":
+        """dfcontroller C{chassis} on free ports, monitoring C{ovsdb}."""
+        http_port, port = free_port(), free_port()
+        svc = cls("dfcontroller", directory, f"""\
+[df]
+nb_db_driver = redis
+remote_db_hosts = {",".join(seeds)}
+pub_sub_driver = {pub_sub_driver}
+publisher_timeout = {publisher_timeout}
+[df_local_controller]
+chassis_name = {chassis}
+publisher_port = {port}
+ovsdb_connection = {ovsdb}
+tables = {tables}
+db_sync_time = {db_sync_time}
+http_endpoint = tcp:{http_port}:interface=127.0.0.1
+{extra}""", http_port)
+        svc.uri = f"tcp://127.0.0.1:{port}"
+        return svc
+
+    @property
+    def log(self) -> str:
+        return self.process.log_path.read_text(errors="replace")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """GET C{path} of the service's HTTP endpoint: (status, body)."""
+        from twisted.web.client import Agent, readBody
+
+        response = await Agent(reactor).request(b"GET", self.url(path).encode())
+        return response.code, await readBody(response)
+
+    async def json(self, path: str) -> Any:
+        """The JSON body of C{path}. @raise CommandFailed: when not 200."""
+        code, body = await self.get(path)
+        if code != 200:
+            raise CommandFailed([self.plugin, path], f"HTTP {code}", body.decode(errors="replace"))
+        return json.loads(body)
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start it and wait for /healthz 200 (the log is in the error if it exits)."""
+        self.process.start()
+
+        async def healthy() -> bool:
+            if not self.process.running:
+                raise CommandFailed([self.plugin], "exited", self.log[-3000:])
+            try:
+                return (await self.get("/healthz"))[0] == 200
+            except error.ConnectError:
+                return False
+        await poll(healthy, timeout, f"{self.plugin} /healthz 200")
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, and wait for the exit."""
+        self.process.signal("TERM")
+        await self.process.wait_ended(timeout)
+
+    async def kill(self) -> None:
+        await self.process.kill()

@@ -1,0 +1,362 @@
+"""
+The local controller, C{twistd -n dfcontroller --config FILE} (role
+df_local_controller): what a compute node runs.
+
+At start it connects to the NB database, binds its own publisher, writes
+its chassis row (table C{chassis}, key C{chassis_name}, value JSON
+C{{"id", "ip"}}), registers that publisher (with ZeroMQ, also finding the
+publisher services through table C{publisher}), subscribes to C{"D"}, the
+configured tenant topics and the HA topic, and loads every table it serves
+into its L{LocalCache} (one SCAN and per-slot batches per table).  It is
+ready (C{/healthz} 200) once subscribed and loaded.
+
+Updates are applied to the cache in the order they arrive (per publisher
+and topic, the order they were sent) and each real change is passed to the
+observers (L{ControllerService.add_observer}), the in-process API of the
+applications running on the node.
+
+A resync diffs the cache against the database and reports only real
+differences.  It runs on a C{dbrestart} (everything), a C{sync} or a seq
+gap (that topic), an HA topology message (everything, after moving the
+database connections to the new masters), every C{db_sync_time} seconds
+(everything), and when a topic is registered (that topic).  Requests that
+arrive while one runs are merged into the next run; a resync that fails
+(database unreachable during a failover) is retried with a growing delay.
+
+The OVSDB monitor turns VM ports into rows of table C{port_status} (key
+the iface-id, value JSON C{{"status": "up"|"down", "chassis", "ofport"}}),
+written through L{dftx.nb.NbApi} and so published on the controller's own
+publisher, where the neutron-server side receives them.  After each
+initial OVSDB sync, rows of this chassis that say C{up} for ports no
+longer present are set C{down}; writes that fail are retried.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any, Iterable
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from dftx import config as dfconfig
+from dftx import http, pubsub, runner
+from dftx.cache import Mirror, Observer
+from dftx.errors import DftxError
+from dftx.ha import HA_TOPIC, topology_from_update
+from dftx.http import Metric
+from dftx.nb import NbApi, db_from_config
+from dftx.publisher import advertised_uri, zmq_address
+from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
+from dftx.update import DBRESTART, DbUpdate
+
+log = Logger()
+
+CHASSIS_TABLE = "chassis"
+PORT_STATUS_TABLE = "port_status"
+
+
+class ControllerService(runner.RoleService):
+    """
+    The dfcontroller service for a loaded L{dftx.config.Config}.
+
+    @ivar mirror: the L{Mirror} of the tables in [df_local_controller]
+        tables; C{mirror.cache} is the L{LocalCache}.
+    @ivar ports: the online ports the OVSDB monitor reported, by uuid.
+    @ivar counters: updates, port_status_writes, port_status_errors,
+        ha_topologies (the mirror has its own).
+    """
+
+    name = "dfcontroller"
+
+    def __init__(self, config: dfconfig.Config, clock: IReactorTime | None = None) -> None:
+        super().__init__(config)
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.clock = clock
+        lc = config.df_local_controller
+        self.chassis = lc.chassis_name
+        self.db = db_from_config(config)
+        self.mirror = Mirror(self.db, lc.tables, lc.topics, clock)
+        self.cache = self.mirror.cache
+        self.ports: dict[str, Any] = {}
+        self.counters: Counter[str] = Counter()
+        self.nb: NbApi | None = None
+        self.publisher: Any = None
+        self.subscriber: Any = None
+        self.registration: Registration | None = None
+        self.discovery: Discovery | None = None
+        self.monitor: Any = None
+        self.root = http.StatusRoot(self)
+        self.root.v1.putChild(b"tables", http.Tables(self.cache.values))
+        self.root.v1.putChild(b"ports", http.JsonLeaf(self.online_ports))
+        self._http_port: Any = None
+        self._sync_loop: task.LoopingCall | None = None
+        self._port_writes: dict[str, str] = {}
+        self._port_flush: defer.Deferred[None] | None = None
+        self._port_retry: Any = None
+
+    # --- the in-process API for local applications ----------------------------------
+
+    def add_observer(self, observer: Observer) -> None:
+        """Call C{observer(update)} with every change made to the cache
+        (see L{Mirror.add_observer})."""
+        self.mirror.add_observer(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        self.mirror.remove_observer(observer)
+
+    def register_topic(self, topic: str) -> defer.Deferred[None]:
+        """Subscribe to a tenant topic and load its rows.  @return: Deferred
+        firing once they are in the cache."""
+        return defer.ensureDeferred(self._register_topic(topic))
+
+    async def _register_topic(self, topic: str) -> None:
+        await self.subscriber.register_topic(topic)
+        await self.mirror.add_topic(topic)
+
+    def unregister_topic(self, topic: str) -> defer.Deferred[None]:
+        """Unsubscribe from a tenant topic and drop its rows (observers see
+        their deletion).  @return: Deferred firing once done."""
+        return self.subscriber.unregister_topic(topic).addCallback(
+            lambda _: self.mirror.remove_topic(topic))
+
+    def resync(self, topics: Iterable[str] | None = None) -> defer.Deferred[None]:
+        """Make the cache equal to the database (see L{Mirror.resync})."""
+        return self.mirror.resync(topics)
+
+    def online_ports(self) -> list[dict[str, Any]]:
+        """The fields of every port online now (C{GET /v1/ports})."""
+        return [port_fields(e) for e in self.ports.values()]
+
+    # --- life cycle -----------------------------------------------------------------
+
+    async def _start(self) -> None:
+        cfg, lc = self.config, self.config.df_local_controller
+        self._http_port = await http.listen(lc.http_endpoint, self.root)
+        self.missing = "NB database not connected"
+        await self.db.initialize()
+        self.missing = "publisher not bound"
+        bind = zmq_address(lc.publisher_bind_address, lc.publisher_port)
+        self.publisher = pubsub.from_config(cfg, bind=bind).get_publisher()
+        await self.publisher.initialize()
+        self.nb = NbApi(self.db, self.publisher)
+        self.missing = "not registered"
+        await self.nb.create(CHASSIS_TABLE, self.chassis, json.dumps(
+            {"id": self.chassis, "ip": cfg.df.management_ip}, sort_keys=True))
+        uri = advertised_uri(lc.publisher_bind_address, lc.publisher_port, cfg.df.management_ip)
+        self.registration = Registration(
+            self.db, self.publisher.id, uri, dfconfig.LOCAL_CONTROLLER,
+            cfg.df.publisher_timeout, publisher=self.publisher, clock=self.clock)
+        self.registration.startService()
+        await self.registration.started
+        self.missing = "not subscribed"
+        self.subscriber = pubsub.from_config(cfg).get_subscriber()
+        for topic in sorted(self.mirror.topics | {HA_TOPIC}):
+            await self.subscriber.register_topic(topic)
+        await self.subscriber.initialize(self._received)
+        if pubsub.needs_discovery(cfg):
+            self.discovery = Discovery(self.db, self.subscriber, dfconfig.LOCAL_CONTROLLER,
+                                       cfg.df.publisher_timeout, clock=self.clock)
+            self.discovery.startService()
+            await self.discovery.ready
+        self.missing = "initial load"
+        await self.resync()
+        self._sync_loop = task.LoopingCall(self.resync)
+        self._sync_loop.clock = self.clock
+        self._sync_loop.start(lc.db_sync_time, now=False)
+        self._start_monitor(lc.ovsdb_connection)
+        self.missing = None
+        log.info("dfcontroller {chassis} ready: {rows} rows of {tables}, topics {topics}",
+                 chassis=self.chassis, rows=len(self.cache), tables=sorted(self.cache.tables),
+                 topics=sorted(self.mirror.topics))
+
+    def _start_monitor(self, endpoint: str) -> None:
+        from dftx.ovsdb.monitor import InterfaceMonitor
+
+        self.monitor = InterfaceMonitor(endpoint, self._port_event,
+                                        on_sync=self._ovsdb_synced)
+        self.monitor.startService()
+
+    async def _stop(self) -> None:
+        if self._sync_loop is not None and self._sync_loop.running:
+            self._sync_loop.stop()
+        if self._port_retry is not None and self._port_retry.active():
+            self._port_retry.cancel()
+        if self.monitor is not None:
+            await self.monitor.stopService()
+        if self.discovery is not None and self.discovery.running:
+            await self.discovery.stopService()
+        if self.subscriber is not None:
+            await self.subscriber.close()
+        if self.registration is not None and self.registration.running:
+            await self.registration.stopService()
+        await self.mirror.close()
+        if self.publisher is not None:
+            await self.publisher.close()
+        if self._http_port is not None:
+            await self._http_port.stopListening()
+        if self.db is not None:
+            await self.db.close()
+
+    # --- updates ----------------------------------------------------------------------
+
+    def _received(self, update: DbUpdate) -> None:
+        self.counters["updates"] += 1
+        if update.topic == HA_TOPIC:
+            self._ha_message(update)
+            return
+        if self.discovery is not None and (update.is_control or update.table == PUBLISHER_TABLE):
+            self.discovery.observe(update)
+        if update.action == DBRESTART:
+            self._reannounce_ports()
+        self.mirror.received(update)
+
+    def _ha_message(self, update: DbUpdate) -> None:
+        topology = topology_from_update(update)
+        client = getattr(self.db, "client", None)
+        if topology is None or client is None:
+            return
+        self.counters["ha_topologies"] += 1
+        if topology != client.topology:
+            log.info("HA: Redis topology {topology}", topology=topology)
+            client.apply_topology(topology)
+        self.mirror.resync()
+
+    # --- ports --------------------------------------------------------------------------
+
+    def _port_event(self, event: Any) -> None:
+        if event.action == "offline":
+            self.ports.pop(event.uuid, None)
+        else:
+            self.ports[event.uuid] = event
+        if event.kind == "vm" and event.iface_id:
+            status = "down" if event.action == "offline" else "up"
+            self._set_port_status(event.iface_id, status, event.ofport)
+
+    def _reannounce_ports(self) -> None:
+        """Write every online VM port's row again (a database failover may
+        have lost the last writes)."""
+        for event in self.ports.values():
+            if event.kind == "vm" and event.iface_id:
+                self._set_port_status(event.iface_id, "up", event.ofport)
+
+    def _ovsdb_synced(self) -> None:
+        """After each initial OVSDB sync: rows of this chassis that say up
+        for ports that are gone are set down."""
+        defer.ensureDeferred(self._mark_gone_ports_down()).addErrback(
+            lambda f: log.failure("checking port_status after OVSDB sync failed", f))
+
+    async def _mark_gone_ports_down(self) -> None:
+        present = {e.iface_id for e in self.ports.values() if e.kind == "vm" and e.iface_id}
+        for _, key, value in await self.db.get_all_rows(PORT_STATUS_TABLE):
+            try:
+                row = json.loads(value)
+            except ValueError:
+                continue
+            if (isinstance(row, dict) and row.get("chassis") == self.chassis
+                    and row.get("status") == "up" and key not in present
+                    and key not in self._port_writes):
+                self._set_port_status(key, "down", row.get("ofport"))
+
+    def _set_port_status(self, iface_id: str, status: str, ofport: Any) -> None:
+        self._port_writes[iface_id] = json.dumps(
+            {"status": status, "chassis": self.chassis, "ofport": ofport}, sort_keys=True)
+        if self._port_flush is None:
+            self._port_flush = defer.ensureDeferred(self._flush_ports())
+
+    async def _flush_ports(self) -> None:
+        """Write pending port_status rows, one at a time (the latest value of
+        each); on a failure, retry them all a second later."""
+        try:
+            while self._port_writes and self.running:
+                iface_id = next(iter(self._port_writes))
+                value = self._port_writes[iface_id]
+                try:
+                    await self.nb.create(PORT_STATUS_TABLE, iface_id, value)  # type: ignore[union-attr]
+                except DftxError as e:
+                    self.counters["port_status_errors"] += 1
+                    log.warn("writing port_status {key} failed (retrying): {error}",
+                             key=iface_id, error=e)
+                    self._port_retry = self.clock.callLater(1.0, self._retry_ports)
+                    return
+                self.counters["port_status_writes"] += 1
+                if self._port_writes.get(iface_id) == value:
+                    del self._port_writes[iface_id]
+        finally:
+            self._port_flush = None
+
+    def _retry_ports(self) -> None:
+        if self._port_flush is None and self.running:
+            self._port_flush = defer.ensureDeferred(self._flush_ports())
+
+    # --- IStatusSource --------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        topology = getattr(getattr(self.db, "client", None), "topology", None)
+        reg = self.registration
+        sub = self.subscriber
+        return {
+            "role": dfconfig.LOCAL_CONTROLLER,
+            "chassis": self.chassis,
+            "ready": self.missing is None,
+            "not_ready": self.missing,
+            "publisher": None if reg is None else {"id": reg.id, "uri": reg.uri},
+            "cluster": topology.as_dict() if topology is not None else None,
+            "subscriptions": {
+                "topics": sorted(sub.topics) if sub else [],
+                "publishers": sorted(sub.addresses) if sub else [],
+            },
+            "cache": {t: len(self.cache.rows(t)) for t in sorted(self.cache.tables)},
+            "ports_online": len(self.ports),
+            "counters": {**self.counters, **self.mirror.counters, **{
+                f"subscriber_{k}": v for k, v in (sub.counters.items() if sub else ())}},
+        }
+
+    def metrics(self) -> list[Metric]:
+        sub = self.subscriber.counters if self.subscriber else {}
+        rows = Metric("dftx_cache_rows", "gauge", "Rows in the local cache, by table.")
+        for table in sorted(self.cache.tables):
+            rows.add(len(self.cache.rows(table)), table=table)
+        subscriber = Metric("dftx_subscriber_messages_total", "counter",
+                            "Messages the subscriber received, by outcome.")
+        for outcome in ("delivered", "filtered", "undecodable", "duplicates", "gaps",
+                        "restarts", "callback_errors"):
+            subscriber.add(sub.get(outcome, 0), outcome=outcome)
+        return [
+            Metric("dftx_ready", "gauge", "1 once the service is ready.").add(
+                int(self.missing is None), role=dfconfig.LOCAL_CONTROLLER),
+            rows,
+            subscriber,
+            Metric("dftx_resyncs_total", "counter", "Resyncs with the NB DB, by result.")
+            .add(self.mirror.counters["resyncs"], result="ok")
+            .add(self.mirror.counters["resync_errors"], result="error"),
+            Metric("dftx_cache_changes_total", "counter",
+                   "Changes made to the cache (updates and resyncs).").add(
+                self.mirror.counters["changes"]),
+            Metric("dftx_ports_online", "gauge", "Ports the OVSDB monitor reports online.").add(
+                len(self.ports)),
+            Metric("dftx_port_status_writes_total", "counter",
+                   "port_status rows written, by result.")
+            .add(self.counters["port_status_writes"], result="ok")
+            .add(self.counters["port_status_errors"], result="error"),
+        ]
+
+
+PORT_FIELDS = ("kind", "action", "uuid", "name", "type", "ofport", "iface_id", "attached_mac",
+               "remote_ip", "tunnel_type", "peer", "admin_state")
+
+
+def port_fields(event: Any) -> dict[str, Any]:
+    """The fields of a PortEvent as a JSON-ready dict."""
+    return {f: getattr(event, f) for f in PORT_FIELDS}
+
+
+def makeService(options: runner.Options) -> ControllerService:
+    """twistd's entry point (see L{dftx.runner.make_service})."""
+    return runner.make_service(options, dfconfig.LOCAL_CONTROLLER, ControllerService)
+
+
+Options = runner.Options
