@@ -177,7 +177,7 @@ class ControllerService(runner.RoleService):
         from dftx.ovsdb.monitor import InterfaceMonitor
 
         self.monitor = InterfaceMonitor(endpoint, self._port_event,
-                                        on_sync=self._ovsdb_synced)
+                                        on_sync_end=self._ovsdb_synced)
         self.monitor.startService()
 
     async def _stop(self) -> None:

@@ -158,3 +158,26 @@ class ProtocolError(DftxError):
         self.peer = peer
         self.reason = reason
         super().__init__(f"{peer}: {reason}" if peer else reason)
+
+
+class OvsdbError(DftxError):
+    """
+    ovsdb-server answered a request with an error (RFC 7047: C{"error"}
+    is a string or an object with C{error} and C{details}).
+
+    @ivar method: the request's method.
+    @ivar error: the error's name, e.g. C{"unknown method"}.
+    @ivar details: the server's explanation, when it gave one.
+    """
+
+    def __init__(self, method: str, error: object, peer: str | None = None) -> None:
+        self.method = method
+        self.peer = peer
+        if isinstance(error, dict):
+            self.error = str(error.get("error", error))
+            self.details = error.get("details")
+        else:
+            self.error = str(error)
+            self.details = None
+        detail = f" ({self.details})" if self.details else ""
+        super().__init__(f"{peer or 'ovsdb'}: {method}: {self.error}{detail}")
