@@ -24,7 +24,7 @@ class Deployment:
 
     def __init__(self, base_dir: Path, cluster: RedisCluster, controllers: int = 2,
                  pub_sub_driver: str = "zmq", publisher_timeout: int = 6,
-                 db_sync_time: float = 120, tables: str = "lport,lswitch,chassis") -> None:
+                 db_sync_time: float = 5, tables: str = "lport,lswitch,chassis") -> None:
         self.dir = Path(base_dir)
         self.cluster = cluster
         self.pub_sub_driver = pub_sub_driver

@@ -829,10 +829,13 @@ http_endpoint = tcp:{http_port}:interface=127.0.0.1
 
     async def get(self, path: str) -> tuple[int, bytes]:
         """GET C{path} of the service's HTTP endpoint: (status, body)."""
-        from twisted.web.client import Agent, readBody
+        from twisted.web.client import Agent, HTTPConnectionPool
 
-        response = await Agent(reactor).request(b"GET", self.url(path).encode())
-        return response.code, await readBody(response)
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        response = await agent.request(b"GET", self.url(path).encode())
+        body = _Body()
+        response.deliverBody(body)
+        return response.code, await body.done
 
     async def json(self, path: str) -> Any:
         """The JSON body of C{path}. @raise CommandFailed: when not 200."""
@@ -861,3 +864,23 @@ http_endpoint = tcp:{http_port}:interface=127.0.0.1
 
     async def kill(self) -> None:
         await self.process.kill()
+
+
+class _Body(protocol.Protocol):
+    """Collects a response body; C{done} fires with it."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        from twisted.web.client import ResponseDone
+        from twisted.web.http import PotentialDataLoss
+
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)

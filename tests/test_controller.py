@@ -60,8 +60,10 @@ async def test_nb_writes_reach_both_controllers(deployment):
         lport = await c.json("/v1/tables/lport")
         assert lport["p1"] == {"id": "p1", "n": "changed"} and "p2" not in lport
         assert (await c.get("/v1/tables/other"))[0] == 404
-        chassis = await c.json("/v1/tables/chassis")
-        assert set(chassis) >= {"compute1", "compute2"}
+        # Each controller wrote its chassis row; the other one's arrives
+        # with the periodic safety resync (db_sync_time).
+        await poll(lambda: _has(lambda: c.json("/v1/tables/chassis"),
+                                {"compute1", "compute2"}), 15, "both chassis rows")
         status = await c.json("/v1/status")
         assert status["ready"] and status["cache"]["lport"] == 49
         assert status["counters"]["resyncs"] >= 1
@@ -108,6 +110,10 @@ async def _status_is(d, iface_id, status):
     return row is not None and row["status"] == status
 
 
+async def _counter_at_least(service, name, n):
+    return (await service.json("/v1/status"))["counters"].get(name, 0) >= n
+
+
 async def _write_until_it_succeeds(nb, key, deadline=60.0):
     start = time.monotonic()
     while True:
@@ -132,11 +138,12 @@ async def test_master_killed_every_controller_resyncs_and_matches_the_db(deploym
     await write_rows(d.nb, "lport", 20, prefix="later")
     await d.wait_converged("lport", timeout=60)
     converged = time.monotonic() - t0
-    status = await d.publisher.json("/v1/status")
-    assert status["counters"]["ha_failovers"] >= 1
+    await poll(lambda: _counter_at_least(d.publisher, "ha_failovers", 1), 15,
+               "the HA watcher saw the failover")
     for c in d.controllers:
-        counters = (await c.json("/v1/status"))["counters"]
-        assert counters["ha_topologies"] >= 1 and counters["resyncs"] >= 2
+        await poll(lambda: _counter_at_least(c, "ha_topologies", 1), 15,
+                   "the controller got the HA topology")
+        assert (await c.json("/v1/status"))["counters"]["resyncs"] >= 2
     print(f"\nkill -9 of a master (cluster-node-timeout {d.cluster.node_timeout_ms} ms): "
           f"first NB write after {first_write:.2f}s, every cache equal to the DB after "
           f"{converged:.2f}s")

@@ -107,12 +107,14 @@ def test_duplicates_dropped_and_restarted_publisher_resyncs():
     assert sub.counters["duplicates"] == 1
 
 
-def test_publishers_are_tracked_separately():
+def test_publishers_are_tracked_separately_and_joining_mid_stream_syncs():
     sub, rec = subscriber("D")
     sub._message("D", msg("a", 5, publisher="p1"))
     sub._message("D", msg("b", 1, publisher="p2"))
     sub._message("D", msg("c", 6, publisher="p1"))
-    assert [u.key for u in rec.got] == ["a", "b", "c"]
+    assert [(u.action, u.key) for u in rec.got] == [
+        ("sync", None), ("create", "a"), ("create", "b"), ("create", "c")]
+    assert sub.counters["joins"] == 1 and sub.counters["gaps"] == 0
 
 
 def test_unstamped_messages_from_dragonflow_are_delivered():
@@ -160,7 +162,7 @@ def test_callback_errors_are_counted_and_the_stream_goes_on():
 
 def test_restored_delivers_dbrestart_and_forgets_sequences():
     sub, rec = subscriber("D")
-    sub._message("D", msg("a", 7))
+    sub._message("D", msg("a", 1))
     sub._restored()
     sub._message("D", msg("b", 1))
     assert [(u.action, u.key) for u in rec.got] == [

@@ -189,6 +189,13 @@ class SubscriberBase:
         key = (publisher, topic)
         last = self._last_seq.get(key)
         self._last_seq[key] = seq
+        if last is None and seq > 1:
+            # Joined a publisher mid-stream: what it sent before may not be
+            # in the owner's last read of the database (ZeroMQ subscriptions
+            # take effect some time after connecting).
+            self.counters["joins"] += 1
+            self._call(DbUpdate.control(SYNC, topic))
+            return True
         if last is None or seq == last + 1:
             return True
         if seq <= last and seq != 1:

@@ -56,7 +56,7 @@ from dftx.errors import ProtocolError, PublishError, SubscribeError
 from dftx.pubsub.api import (
     Callback, IPubSub, IPublisher, ISubscriber, PublisherBase, SubscriberBase,
 )
-from dftx.update import SEND_ALL_TOPIC
+from dftx.update import SEND_ALL_TOPIC, SYNC, DbUpdate
 
 DEFAULT_HWM = 100_000
 """ZeroMQ high-water mark (messages) of every socket, per peer."""
@@ -343,8 +343,10 @@ class ZmqSubscriber(SubscriberBase):
     sent a message, so undecodable messages are logged once per
     subscriber rather than per peer.
 
-    ZeroMQ reconnects by itself; the subscriber watches the socket's
-    connection events, and when a publisher that was disconnected is
+    ZeroMQ connects and reconnects by itself; the subscriber watches the
+    socket's connection events.  When a publisher is first connected it
+    delivers a C{sync} of every topic (the publisher's earlier messages are
+    unknown to the owner); when a publisher that was disconnected is
     connected again (a restarted publisher service, a network cut) it
     delivers a C{dbrestart}: what was sent meanwhile is lost.
     """
@@ -355,6 +357,7 @@ class ZmqSubscriber(SubscriberBase):
         self._socket: ZmqSocket | None = None
         self._monitor: ZmqSocket | None = None
         self._lost: set[str] = set()
+        self._joined: set[str] = set()
         self._warned = False
 
     def initialize(self, callback: Callback) -> defer.Deferred[None]:
@@ -400,6 +403,12 @@ class ZmqSubscriber(SubscriberBase):
             self._lost.discard(endpoint)
             self.log.info("reconnected to publisher {uri}: resync", uri=endpoint)
             self._restored()
+        elif endpoint not in self._joined:
+            # A publisher newly connected: what it sent before is unknown
+            # to the owner.
+            self._joined.add(endpoint)
+            self.counters["joins"] += 1
+            self._call(DbUpdate.control(SYNC))
 
     def register_topic(self, topic: str) -> defer.Deferred[None]:
         if topic not in self.topics:
@@ -436,6 +445,7 @@ class ZmqSubscriber(SubscriberBase):
         if uri in self.addresses:
             self.addresses.discard(uri)
             self._lost.discard(uri)
+            self._joined.discard(uri)
             if self._socket is not None:
                 try:
                     self._socket.disconnect(uri)
