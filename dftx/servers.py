@@ -710,17 +710,52 @@ class OvsdbServer:
         )
         return out.strip()
 
-    async def transact(self, operations: str, timeout: float = 60.0) -> str:
+    async def transact(self, operations: Sequence[Any], timeout: float = 60.0) -> list[Any]:
         """
-        One JSON-RPC transact (C{operations}: the JSON array of RFC 7047
-        params, database name first), for changes too large for ovs-vsctl.
+        One JSON-RPC C{transact} of C{operations} (RFC 7047 section 5.2,
+        without the database name) over the unix socket, for changes too
+        large for ovs-vsctl.  @return: the reply's list of results.
         """
-        out = await run(
-            ["ovsdb-client", f"--timeout={int(timeout)}", "transact",
-             self.unix, operations],
-            timeout=timeout + 5,
-        )
-        return out.strip()
+        from twisted.internet import endpoints
+
+        from dftx.ovsdb.jsonrpc import JsonRpcProtocol
+
+        endpoint = endpoints.UNIXClientEndpoint(reactor, str(self.sock_path))
+        proto = await endpoints.connectProtocol(
+            endpoint, JsonRpcProtocol(reactor, probe_interval=None))
+        try:
+            request = proto.request("transact", ["Open_vSwitch", *operations])
+            return await request.addTimeout(timeout, reactor)
+        finally:
+            proto.transport.loseConnection()
+
+    async def add_ports(self, bridge: str, interfaces: Sequence[dict[str, Any]],
+                        timeout: float = 60.0) -> None:
+        """
+        Add one port per interface to C{bridge} in one transaction (for
+        thousands, where ovs-vsctl is slow).  Each interface is a dict with
+        C{name} and optionally C{type}, C{external_ids}, C{options}.
+        """
+        ops: list[Any] = []
+        ports = []
+        for i, iface in enumerate(interfaces):
+            row: dict[str, Any] = {"name": iface["name"]}
+            if iface.get("type"):
+                row["type"] = iface["type"]
+            for column in ("external_ids", "options"):
+                if iface.get(column):
+                    row[column] = ["map", [[k, v] for k, v in iface[column].items()]]
+            ops.append({"op": "insert", "table": "Interface", "row": row,
+                        "uuid-name": f"i{i}"})
+            ops.append({"op": "insert", "table": "Port", "uuid-name": f"p{i}", "row": {
+                "name": iface["name"], "interfaces": ["named-uuid", f"i{i}"]}})
+            ports.append(["named-uuid", f"p{i}"])
+        ops.append({"op": "mutate", "table": "Bridge", "where": [["name", "==", bridge]],
+                    "mutations": [["ports", "insert", ["set", ports]]]})
+        reply = await self.transact(ops, timeout)
+        errors = [r for r in reply if isinstance(r, dict) and "error" in r]
+        if errors or reply[-1].get("count") != 1:
+            raise CommandFailed(["ovsdb-client", "transact"], f"add_ports: {errors or reply[-1]}")
 
     async def kill(self) -> None:
         """kill -9 and wait until gone."""

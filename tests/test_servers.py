@@ -5,7 +5,6 @@ servers.
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -120,12 +119,10 @@ async def test_single_node_kill_and_restart(redis_single):
 async def test_ovsdb_vsctl_and_transact(ovsdb_server):
     await ovsdb_server.vsctl("add-br", "br-int")
     assert await ovsdb_server.vsctl("list-br") == "br-int"
-    ops = json.dumps([
-        "Open_vSwitch",
+    reply = await ovsdb_server.transact([
         {"op": "select", "table": "Interface", "where": [["name", "==", "br-int"]],
          "columns": ["name", "type"]},
     ])
-    reply = json.loads(await ovsdb_server.transact(ops))
     assert reply[0]["rows"] == [{"name": "br-int", "type": "internal"}]
 
 

@@ -79,18 +79,34 @@ class JsonSplitter:
         self._start = 0  # where the value being scanned began
         self._depth = 0
         self._in_string = False
+        #: the ProtocolError that broke the stream, once one did
+        self.error: ProtocolError | None = None
 
     def feed(self, data: bytes) -> list[Any]:
         """
         Add bytes; @return: the messages (parsed JSON objects) they completed.
 
         @raise ProtocolError: for malformed JSON, a value that is not an
-            object, or a message above C{max_message} bytes.  The splitter
-            is then unusable (the stream cannot be resynchronised).
+            object, or a message above C{max_message} bytes.  When messages
+            before the bad part were completed by the same bytes, they are
+            returned and the error is kept in L{error}; either way the
+            splitter is then unusable (the stream cannot be resynchronised)
+            and every later call raises it.
         """
+        if self.error is not None:
+            raise self.error
+        messages: list[Any] = []
+        try:
+            self._scan(data, messages)
+        except ProtocolError as e:
+            self.error = e
+            if not messages:
+                raise
+        return messages
+
+    def _scan(self, data: bytes, messages: list[Any]) -> None:
         buf = self._buf
         buf += data
-        messages = []
         pos, depth, in_string = self._pos, self._depth, self._in_string
         end = len(buf)
         while pos < end:
@@ -148,7 +164,6 @@ class JsonSplitter:
             pos -= self._start
             self._start = 0
         self._pos, self._depth, self._in_string = pos, depth, in_string
-        return messages
 
     def _parse(self, text: bytes) -> Any:
         if len(text) > self.max_message:
@@ -230,6 +245,8 @@ class JsonRpcProtocol(protocol.Protocol):
             if self._closed:
                 return
             self._dispatch(message)
+        if self._splitter.error is not None and not self._closed:
+            self._drop(ProtocolError(self._splitter.error.reason, self.peer))
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         method = message.get("method")
