@@ -45,7 +45,7 @@ DATABASE = "Open_vSwitch"
 TABLE = "Interface"
 COLUMNS = ("name", "type", "external_ids", "options", "ofport", "admin_state", "mac_in_use")
 _MAPS = frozenset({"external_ids", "options"})
-_SETS = frozenset({"ofport", "admin_state", "mac_in_use"})
+_SETS = frozenset({"ofport", "admin_state", "mac_in_use"})  # optional: 0 or 1 value
 _EMPTY_ROW: dict[str, Any] = {
     "name": "", "type": "", "external_ids": {}, "options": {},
     "ofport": frozenset(), "admin_state": frozenset(), "mac_in_use": frozenset(),
@@ -88,19 +88,19 @@ def _full_row(columns: Mapping[str, Any]) -> Row:
 
 def _apply_diff(row: Row, diff: Mapping[str, Any]) -> Row:
     """
-    Apply an update2 C{modify}: scalars are replaced; sets (optional
-    columns too) toggle the elements given; in maps a key given with its
-    current value is removed, with another value replaced, and a new key is
-    added.
+    Apply an update2 C{modify}.  Columns that hold at most one value
+    (scalars, and optional columns such as ofport) get the new value, as
+    ovsdb-server sends it; in maps a key given with its current value is
+    removed, with another value replaced, and a new key is added.  (Sets of
+    more than one value would toggle the elements given; this table's
+    monitored columns have none.)
     """
     new = dict(row)
     for column, value in diff.items():
         if column not in new:
             continue
         change = _datum(column, value)
-        if column in _SETS:
-            new[column] = new[column] ^ change
-        elif column in _MAPS:
+        if column in _MAPS:
             merged = dict(new[column])
             for k, v in change.items():
                 if merged.get(k) == v:
@@ -131,7 +131,9 @@ class InterfaceMonitor(service.Service):
         action is empty), every interface in the table.
     @ivar synced: whether the current connection's initial sync is done.
     @ivar method: the monitor method the server accepted.
-    @ivar counters: connections, syncs, events, callback_errors.
+    @ivar counters: connections, syncs (initial syncs done), reloads (the
+        whole table received), resumes (only changes received), events,
+        callback_errors.
     """
 
     def __init__(
@@ -206,6 +208,7 @@ class InterfaceMonitor(service.Service):
     async def _monitor(self, proto: JsonRpcProtocol) -> None:
         self._connection = proto
         self.synced = False
+        proto.lost.addCallback(self._disconnected, proto)
         self.counters["connections"] += 1
         self._notify_owner(self.on_sync_start)
         try:
@@ -218,6 +221,7 @@ class InterfaceMonitor(service.Service):
         if method == "monitor_cond_since":
             found, self.last_txn_id, updates = result
             if found:
+                self.counters["resumes"] += 1
                 self._apply2(updates)
             else:
                 self._reload(updates, update2=True)
@@ -247,6 +251,13 @@ class InterfaceMonitor(service.Service):
                 self._methods.remove(method)
         raise AssertionError("unreachable")
 
+    def _disconnected(self, _: None, proto: JsonRpcProtocol) -> None:
+        if self._current(proto):
+            self.synced = False
+            self._connection = None
+            if self.running:
+                log.info("lost {endpoint}; reconnecting", endpoint=self.endpoint)
+
     def _notified(self, proto: JsonRpcProtocol, method: str, params: Any) -> None:
         if not self._current(proto) or not isinstance(params, list) or not params:
             return
@@ -267,6 +278,7 @@ class InterfaceMonitor(service.Service):
 
     def _reload(self, updates: Any, update2: bool) -> None:
         """The whole table arrived: replace the cache, report differences."""
+        self.counters["reloads"] += 1
         table = (updates or {}).get(TABLE, {})
         fresh: dict[str, Row] = {}
         for uuid, change in table.items():
