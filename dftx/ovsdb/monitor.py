@@ -21,8 +21,9 @@ the monitor compares it with the cache and reports only real changes:
 offline for ports that disappeared while disconnected, online for new ones,
 update for changed ones; a port never goes online twice.  Each connection's
 first answer is an I{initial sync}: C{on_sync_start} is called when it
-begins and C{on_sync_end} once its events are delivered (so the owner can
-tell "port gone while I was away" from "not reported yet").
+begins and C{on_sync_end} (in the next reactor turn) once its events are
+delivered, so the owner can tell "port gone while I was away" from "not
+reported yet".
 """
 
 from __future__ import annotations
@@ -231,7 +232,9 @@ class InterfaceMonitor(service.Service):
         self.counters["syncs"] += 1
         log.info("{endpoint}: {n} interfaces ({method})", endpoint=self.endpoint,
                  n=len(self.rows), method=method)
-        self._notify_owner(self.on_sync_end)
+        # After this connection's set-up is over: the owner may stop the
+        # monitor from the hook.
+        self.reactor.callLater(0, self._notify_owner, self.on_sync_end)
 
     async def _request_monitor(self, proto: JsonRpcProtocol) -> tuple[str, Any]:
         """Ask with the best method the server accepts; remember it."""

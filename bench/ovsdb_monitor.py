@@ -1,0 +1,126 @@
+"""
+Time to the end of the initial sync of the Interface table: dftx's
+InterfaceMonitor against the `ovs` package's Python IDL, in one run on the
+same ovsdb-server.
+
+    .venv/bin/python bench/ovsdb_monitor.py [--interfaces 5000] [--rounds 5]
+
+One ovsdb-server (dftx.servers.OvsdbServer) gets a bridge and N VM
+interfaces (iface-id, attached-mac, an option) in one transaction.  Each
+client then runs in a fresh Python process of its own, alternating, over
+the same unix socket, and reports the time from creating its client to
+having every row (InterfaceMonitor: on_sync_end; IDL: the first change
+after the initial fetch), with the same columns: name, type, external_ids,
+options, ofport, admin_state, mac_in_use.  The median of the rounds is
+kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+COLUMNS = ["name", "type", "external_ids", "options", "ofport", "admin_state", "mac_in_use"]
+SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+
+
+def run_dftx(remote: str, expected: int) -> float:
+    from twisted.internet import defer, task
+
+    from dftx.ovsdb.monitor import InterfaceMonitor
+
+    async def main(reactor):
+        done: defer.Deferred[float] = defer.Deferred()
+        start = time.perf_counter()
+        monitor = InterfaceMonitor(
+            remote, lambda event: None,
+            on_sync_end=lambda: done.callback(time.perf_counter() - start))
+        monitor.startService()
+        elapsed = await done
+        assert len(monitor.ports) == expected, len(monitor.ports)
+        await monitor.stopService()
+        print(elapsed)
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+
+
+def run_idl(remote: str, expected: int) -> None:
+    import ovs.db.idl
+    import ovs.poller
+
+    start = time.perf_counter()
+    helper = ovs.db.idl.SchemaHelper(location=SCHEMA)
+    helper.register_columns("Interface", COLUMNS)
+    idl = ovs.db.idl.Idl(remote, helper)
+    seqno = idl.change_seqno
+    while True:
+        idl.run()
+        if idl.change_seqno != seqno and len(idl.tables["Interface"].rows) == expected:
+            break
+        poller = ovs.poller.Poller()
+        idl.wait(poller)
+        poller.block()
+    elapsed = time.perf_counter() - start
+    idl.close()
+    print(elapsed)
+
+
+async def child(role: str, remote: str, expected: int) -> float:
+    from dftx.servers import run
+
+    out = await run([sys.executable, __file__, "--role", role, "--remote", remote,
+                     "--expected", str(expected)], timeout=600)
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--interfaces", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--role", choices=["dftx", "idl"])
+    parser.add_argument("--remote")
+    parser.add_argument("--expected", type=int)
+    args = parser.parse_args()
+    if args.role == "dftx":
+        run_dftx(args.remote, args.expected)
+    elif args.role == "idl":
+        run_idl(args.remote, args.expected)
+    else:
+        from twisted.internet import defer, task
+
+        task.react(lambda reactor: defer.ensureDeferred(compare(args)))
+
+
+async def compare(args: argparse.Namespace) -> None:
+    from dftx.servers import OvsdbServer
+
+    server = OvsdbServer()
+    await server.start()
+    try:
+        await server.vsctl("add-br", "br-int")
+        await server.add_ports("br-int", [
+            {"name": f"tap{i:05d}", "external_ids": {
+                "iface-id": f"{i:08x}-1111-2222-3333-444455556666",
+                "attached-mac": f"fa:16:3e:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}",
+                "vm-uuid": f"{i:08x}-aaaa-bbbb-cccc-ddddeeeeffff"},
+             "options": {"tx_queues": "1"}}
+            for i in range(args.interfaces)])
+        expected = args.interfaces + 1
+        times: dict[str, list[float]] = {"dftx": [], "idl": []}
+        for _ in range(args.rounds):
+            for role in times:
+                times[role].append(await child(role, f"unix:{server.sock_path}", expected))
+    finally:
+        await server.stop()
+    dftx, idl = (statistics.median(times[r]) for r in ("dftx", "idl"))
+    print(f"initial sync of {expected} interfaces, median of {args.rounds} rounds:")
+    for name, role, t in (("dftx InterfaceMonitor", "dftx", dftx), ("ovs Python IDL", "idl", idl)):
+        rounds = sorted(round(x * 1000) for x in times[role])
+        print(f"  {name:24} {t * 1000:8.1f} ms   rounds: {rounds}")
+    print(f"  dftx / IDL time ratio    {dftx / idl:8.2f}   (target <= 0.50)")
+
+
+if __name__ == "__main__":
+    main()
