@@ -132,9 +132,9 @@ async def test_db_restart_runs_the_hook_then_tells_subscribers(db, wire, unique)
     await first
     await second
     assert calls == ["hook"]  # the second call joined the first
-    await poll(lambda: any(u.is_control for u in got.updates), 10, "dbrestart event")
-    control = [u for u in got.updates if u.is_control]
-    assert [(u.action, u.table) for u in control] == [("dbrestart", None)]
+    restarts = lambda: [u for u in got.updates if u.action == "dbrestart"]  # noqa: E731
+    await poll(restarts, 10, "dbrestart event")
+    assert [(u.table, u.topic) for u in restarts()] == [(None, "D")]
     assert await db.get_key(unique, "authoritative") == "{}"
 
     await nb.db_restart()  # a later call runs the hook again
@@ -153,4 +153,4 @@ async def test_db_restart_hook_failure_reaches_the_caller_and_publishes_nothing(
         await nb.db_restart()
     await pub.send_event(DbUpdate("x", "marker", "create", "{}"))
     await wait_for(got, "marker")
-    assert not any(u.is_control for u in got.updates)
+    assert not any(u.action == "dbrestart" for u in got.updates)
