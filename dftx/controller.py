@@ -114,6 +114,9 @@ class ControllerService(runner.RoleService):
         return defer.ensureDeferred(self._register_topic(topic))
 
     async def _register_topic(self, topic: str) -> None:
+        if self.subscriber is None:  # not started yet: subscribed at start
+            self.mirror.topics.add(topic)
+            return
         await self.subscriber.register_topic(topic)
         await self.mirror.add_topic(topic)
 
