@@ -204,3 +204,22 @@ async def test_controller_restarted_reloads_and_reannounces_its_ports(deployment
     await poll(lambda: _status_is(d, "vm-a", "down"), 15, "vm-a (gone) down")
     await poll(lambda: _status_is(d, "vm-b", "up"), 15, "vm-b re-announced up")
     await poll(lambda: _status_is(d, "vm-c", "up"), 15, "vm-c (new) up")
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_redis_pub_sub_classic_and_sharded(tmp_path, redis_cluster):
+    for driver in ("redis", "redis_sharded"):
+        d = Deployment(tmp_path / driver, redis_cluster, controllers=2, pub_sub_driver=driver)
+        try:
+            await d.start()
+            await write_rows(d.nb, "lport", 30, prefix=driver)
+            await d.nb.delete("lport", f"{driver}3")
+            await d.wait_converged("lport")
+            await add_vm_port(d.ovsdbs[1], "tap1", f"vm-{driver}", "fa:16:3e:00:00:01")
+
+            async def neutron_side():
+                table = await d.publisher.json("/v1/tables/port_status")
+                return table.get(f"vm-{driver}", {}).get("chassis") == "compute2"
+            await poll(neutron_side, 15, f"port status over {driver}")
+        finally:
+            await d.stop()
