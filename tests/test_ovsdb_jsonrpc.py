@@ -117,6 +117,37 @@ def test_splitting_is_linear_in_the_size_not_the_number_of_chunks():
     assert t_tiny < t_small * 6, (t_small, t_tiny)
 
 
+
+def _backslashes_time(pairs, chunk=61):
+    data = b'{"a": "' + b"\\\\" * pairs + b'\\"x"}'
+    s = JsonSplitter()
+    start = time.perf_counter()
+    out = []
+    for i in range(0, len(data), chunk):
+        out += s.feed(data[i:i + chunk])
+    assert out == [{"a": "\\" * pairs + '"x'}]
+    return time.perf_counter() - start
+
+
+def test_a_long_run_of_backslashes_in_small_chunks_is_linear():
+    # Each chunk ends inside the run, with the last backslash paired or
+    # not (odd chunk size); rescanning the run per chunk would be ~16x.
+    t_small = min(_backslashes_time(50_000) for _ in range(3))
+    t_large = min(_backslashes_time(200_000) for _ in range(3))
+    assert t_large < t_small * 8, (t_small, t_large)
+
+
+@pytest.mark.parametrize("run", range(1, 7))
+def test_escapes_split_inside_a_run_of_backslashes(run):
+    # run backslashes then a quote: escaped when run is odd.
+    body = b"\\" * run + b'"'
+    text = b'{"k": "' + body + (b'x"}' if run % 2 else b"}")
+    expected = [json.loads(text)]
+    for cut in range(len(text) + 1):
+        s = JsonSplitter()
+        assert s.feed(text[:cut]) + s.feed(text[cut:]) == expected, cut
+
+
 class Proto:
     def __init__(self, probe_interval=None, max_message=1_000_000):
         self.clock = Clock()
@@ -148,8 +179,10 @@ def test_requests_get_their_results_and_errors_in_any_order():
     p.receive({"id": rb["id"], "result": None, "error": {"error": "syntax error",
                                                          "details": "bad"}},
               {"id": ra["id"], "result": ["Open_vSwitch"], "error": None},
-              {"id": 999, "result": 1, "error": None})
-    assert got == [["Open_vSwitch"]]
+              {"id": 999, "result": 1, "error": None},
+              {"id": [ra["id"]], "result": 1, "error": None},
+              {"id": True, "result": 1, "error": None})
+    assert got == [["Open_vSwitch"]] and not p.transport.disconnecting
     err = failures[0].value
     assert isinstance(err, OvsdbError) and err.error == "syntax error" and err.details == "bad"
     assert err.method == "transact"

@@ -2,12 +2,13 @@
 JSON-RPC 1.0 as OVSDB speaks it (RFC 7047, section 4): a stream of JSON
 objects with nothing between them but optional whitespace.
 
-L{JsonSplitter} cuts the stream into messages.  It looks at each byte once
-in total, whatever the TCP chunking (a 50 MB reply in 4 KB chunks is not
-rescanned per chunk): it keeps its scanning state (nesting depth, inside a
-string or not) between chunks, jumps over string bodies and runs of
-ordinary bytes with compiled regular expressions, and hands each complete
-value to C{json.loads} once.
+L{JsonSplitter} cuts the stream into messages.  It looks at each byte a
+bounded number of times in total, whatever the TCP chunking (a 50 MB reply
+in 4 KB chunks is not rescanned per chunk): it keeps its scanning state
+(nesting depth, inside a string or not, a pending backslash) between
+chunks, finds the end of each string with C{bytes.find}, counts brackets
+between strings with C{bytes.count}, and hands each complete value to
+C{json.loads} once.
 
 L{JsonRpcProtocol} sends requests (each L{request} Deferred fires with the
 result, or fails with L{OvsdbError}), answers the server's C{echo} at once,
@@ -43,23 +44,24 @@ _CLOSE = frozenset(b"}]")
 
 
 def _closing_quote(buf: bytearray, pos: int) -> int:
-    """The index of the quote that ends the string whose body starts at
-    or before C{pos} (C{pos} is not inside an escape), or -1."""
+    """The index of the quote that ends the string whose unread body starts
+    at C{pos}, or -1.  C{pos} is not inside an escape: the backslashes just
+    before it, if any, are paired."""
     while True:
         quote = buf.find(b'"', pos)
         if quote < 0:
             return -1
         # Escaped when preceded by an odd run of backslashes.
-        run = quote - _backslash_run_start(buf, quote)
-        if run % 2 == 0:
+        if (quote - _backslash_run_start(buf, quote, pos)) % 2 == 0:
             return quote
         pos = quote + 1
 
 
-def _backslash_run_start(buf: bytearray, end: int) -> int:
-    """Where the run of backslashes that ends at C{end} begins."""
+def _backslash_run_start(buf: bytearray, end: int, floor: int) -> int:
+    """Where the run of backslashes that ends at C{end} begins, looking no
+    further back than C{floor}."""
     start = end
-    while start > 0 and buf[start - 1] == 0x5C:
+    while start > floor and buf[start - 1] == 0x5C:
         start -= 1
     return start
 
@@ -113,7 +115,11 @@ class JsonSplitter:
             if in_string:
                 quote = _closing_quote(buf, pos)
                 if quote < 0:
-                    pos = end if buf[end - 1] != 0x5C else _backslash_run_start(buf, end)
+                    # Resume after the paired backslashes of a trailing run,
+                    # at its last one if that one is unpaired: scanning
+                    # again from the run's start would make a long run fed
+                    # in small chunks quadratic.
+                    pos = end - (end - _backslash_run_start(buf, end, pos)) % 2
                     break
                 pos = quote + 1
                 in_string = False
@@ -268,9 +274,11 @@ class JsonRpcProtocol(protocol.Protocol):
                     log.failure("handling {method} from {peer} failed", method=method,
                                 peer=self.peer)
             return
-        pending = self._pending.pop(message.get("id"), None)  # type: ignore[arg-type]
+        reply_id = message.get("id")
+        # Our ids are ints; any other id (a list, say) matches nothing.
+        pending = self._pending.pop(reply_id, None) if type(reply_id) is int else None
         if pending is None:
-            log.debug("reply {id!r} from {peer} matches no request", id=message.get("id"),
+            log.debug("reply {id!r} from {peer} matches no request", id=reply_id,
                       peer=self.peer)
             return
         name, d = pending
