@@ -122,10 +122,14 @@ class PublisherBase:
             d = self._send(topic, data)
         except Exception as e:
             return defer.fail(_publish_error(topic, e))
-        return d.addErrback(lambda f: defer.fail(_publish_error(topic, f.value)))
+        return d.addErrback(_as_publish_error, topic)
 
     def _send(self, topic: str, data: bytes) -> defer.Deferred[None]:
         raise NotImplementedError
+
+
+def _as_publish_error(failure: Failure, topic: str) -> Failure:
+    return Failure(_publish_error(topic, failure.value))
 
 
 def _publish_error(topic: str, e: BaseException) -> PublishError:

@@ -389,26 +389,44 @@ class RedisPublisher(PublisherBase):
             return defer.fail(PublishError(topic, "publisher closed"))
         channel = topic.encode("utf-8")
         if self.sharded:
-            d = self.client.execute(b"SPUBLISH", channel, data, slot=key_slot(channel),
-                                    resend=False)
-            node = None
-        else:
-            node = self.node
+            # Straight to the slot's owner on its shared connection (in
+            # order); a redirect goes through the cluster client's routing.
+            slot = key_slot(channel)
+            node = self.client.owner(slot)
             if node is None:
-                return defer.fail(PublishError(topic, "no Redis node"))
-            d = self.client.connection(node).execute(b"PUBLISH", channel, data)
+                return self._routed(None, topic, channel, data, slot)
+            d = self.client.connection(node).execute(b"SPUBLISH", channel, data)
+            return d.addCallbacks(self._routed, self._failed,
+                                  callbackArgs=(topic, channel, data, slot),
+                                  errbackArgs=(topic, node))
+        node = self.node
+        if node is None:
+            return defer.fail(PublishError(topic, "no Redis node"))
+        d = self.client.connection(node).execute(b"PUBLISH", channel, data)
         return d.addCallbacks(self._sent, self._failed, callbackArgs=(topic, node),
                               errbackArgs=(topic, node))
+
+    def _routed(self, reply: Any, topic: str, channel: bytes, data: bytes,
+                slot: int) -> Any:
+        if reply is not None and not isinstance(reply, ReplyError):
+            return None
+        if reply is not None and reply.kind not in ("MOVED", "ASK", "TRYAGAIN",
+                                                    "CLUSTERDOWN"):
+            raise PublishError(topic, reply.message, reply.node)
+        return self.client.execute(b"SPUBLISH", channel, data, slot=slot,
+                                   resend=False).addCallbacks(
+            self._sent, self._failed, callbackArgs=(topic, None), errbackArgs=(topic, None))
 
     def _sent(self, reply: Any, topic: str, node: str | None) -> None:
         if isinstance(reply, ReplyError):
             raise PublishError(topic, reply.message, node)
 
     def _failed(self, failure: Any, topic: str, node: str | None) -> Any:
-        if node is not None and failure.check(DBConnectionError) and node == self.node:
-            self._pick(failed=node)
-            log.info("publisher {id}: node {node} failed; now {new}", id=self.id, node=node,
-                     new=self.node)
+        if node is not None and failure.check(DBConnectionError):
+            if node == self.node:
+                self._pick(failed=node)
+                log.info("publisher {id}: node {node} failed; now {new}", id=self.id,
+                         node=node, new=self.node)
             self.client.refresh().addErrback(lambda f: None)
         return failure
 

@@ -1,0 +1,300 @@
+"""
+Redis pub/sub end to end, dftx against redis.asyncio, in one run:
+
+    .venv/bin/python bench/pubsub_redis.py [--count 20000] [--window 1000] [--cost-count 200000]
+
+1. On one Redis Cluster of 3 masters (no replicas): one publisher process
+   sends N DbUpdates of ~500 bytes (encoded) on one channel to one
+   subscriber process, for dftx classic (RedisPubSub) and sharded
+   (RedisPubSub(sharded=True)), and for redis.asyncio classic (PUBLISH /
+   SUBSCRIBE) and sharded (SPUBLISH / SSUBSCRIBE to the channel's owner).
+   The publishers keep up to W messages in flight (dftx pipelines by
+   itself; redis.asyncio sends pipelines of W).  The redis.asyncio side
+   encodes and decodes the same msgpack map.  Each message carries its send
+   time; the subscriber reports delivered messages/s (first to last
+   receipt) and the p50/p99 of publish-to-callback latency.
+2. The cost of one PUBLISH as the cluster grows: the dftx publisher alone
+   sends N messages to a cluster of 3 and then 6 masters, classic and
+   sharded; the script reports the redis-server CPU time the cluster spent
+   per message (sum over every node, from /proc), since a classic message
+   is carried to every node of the cluster and a sharded one only to its
+   shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+CHANNEL = "bench"
+PAD = "x" * 380
+
+
+def value(i: int) -> str:
+    return json.dumps({"id": f"port-{i}", "t": time.time(), "pad": PAD})
+
+
+# --- child roles ------------------------------------------------------------------
+
+
+def dftx_publisher(seeds: list[str], sharded: bool, count: int, window: int) -> None:
+    from twisted.internet import defer, task
+
+    from dftx.pubsub.redis import RedisPubSub
+    from dftx.update import DbUpdate
+
+    async def main(reactor):
+        pub = RedisPubSub(seeds, sharded=sharded).get_publisher()
+        await pub.initialize()
+        for start in range(0, count, window):
+            await defer.gatherResults([
+                pub.send_event(DbUpdate("lport", f"port-{i}", "create", value(i), CHANNEL))
+                for i in range(start, min(count, start + window))])
+        await pub.close()
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+
+
+def dftx_subscriber(seeds: list[str], sharded: bool, count: int) -> None:
+    from twisted.internet import defer, reactor, task
+
+    from dftx.pubsub.redis import RedisPubSub
+
+    latencies: list[float] = []
+    stamps: list[float] = []
+
+    def on_update(update):
+        if update.is_control:
+            return
+        now = time.time()
+        latencies.append(now - json.loads(update.value)["t"])
+        if not stamps:
+            stamps.append(time.perf_counter())
+        if len(latencies) == count:
+            stamps.append(time.perf_counter())
+            report(latencies, stamps[1] - stamps[0])
+            reactor.stop()
+
+    async def main(reactor):
+        sub = RedisPubSub(seeds, sharded=sharded).get_subscriber()
+        await sub.register_topic(CHANNEL)
+        await sub.initialize(on_update)
+        print("ready", flush=True)
+        await defer.Deferred()
+
+    task.react(lambda r: defer.ensureDeferred(main(r)))
+
+
+async def _peer_node(seeds: list[str], sharded: bool):
+    import redis.asyncio as redis
+    from redis.asyncio.cluster import RedisCluster
+
+    host, port = seeds[0].rsplit(":", 1)
+    if not sharded:
+        return redis.Redis(host=host, port=int(port))
+    cluster = RedisCluster(host=host, port=int(port))
+    await cluster.initialize()
+    node = cluster.get_node_from_key(CHANNEL)
+    await cluster.aclose()
+    return redis.Redis(host=node.host, port=node.port)
+
+
+def peer_publisher(seeds: list[str], sharded: bool, count: int, window: int) -> None:
+    import asyncio
+
+    import msgpack
+
+    async def main():
+        r = await _peer_node(seeds, sharded)
+        for start in range(0, count, window):
+            pipe = r.pipeline(transaction=False)
+            for i in range(start, min(count, start + window)):
+                data = msgpack.packb({"table": "lport", "key": f"port-{i}", "action": "create",
+                                      "value": value(i), "topic": CHANNEL})
+                if sharded:
+                    pipe.execute_command("SPUBLISH", CHANNEL, data)
+                else:
+                    pipe.publish(CHANNEL, data)
+            await pipe.execute()
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+def peer_subscriber(seeds: list[str], sharded: bool, count: int) -> None:
+    import asyncio
+
+    import msgpack
+
+    async def main():
+        r = await _peer_node(seeds, sharded)
+        ps = r.pubsub()
+        if sharded:
+            await ps.ssubscribe(CHANNEL)
+        else:
+            await ps.subscribe(CHANNEL)
+        latencies: list[float] = []
+        first = 0.0
+        print("ready", flush=True)
+        while len(latencies) < count:
+            msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if msg is None or msg["type"] not in ("message", "smessage"):
+                continue
+            update = msgpack.unpackb(msg["data"])
+            latencies.append(time.time() - json.loads(update["value"])["t"])
+            if len(latencies) == 1:
+                first = time.perf_counter()
+        report(latencies, time.perf_counter() - first)
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+def report(latencies: list[float], elapsed: float) -> None:
+    ordered = sorted(latencies)
+    print(json.dumps({
+        "rate": (len(latencies) - 1) / elapsed if elapsed > 0 else 0.0,
+        "p50": ordered[len(ordered) // 2] * 1000,
+        "p99": ordered[int(len(ordered) * 0.99)] * 1000,
+    }), flush=True)
+
+
+# --- the parent -----------------------------------------------------------------------
+
+
+class _Child:
+    """A child process of this script; C{ready} fires on its "ready"
+    line, C{ended} with its output at exit."""
+
+    def __init__(self, *args: str) -> None:
+        from twisted.internet import defer, protocol, reactor
+
+        outer = self
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.ended: defer.Deferred[str] = defer.Deferred()
+        self.out = b""
+
+        class P(protocol.ProcessProtocol):
+            def outReceived(self, data: bytes) -> None:
+                outer.out += data
+                if b"ready\n" in outer.out and not outer.ready.called:
+                    outer.ready.callback(None)
+
+            errReceived = outReceived
+
+            def processEnded(self, reason) -> None:
+                code = reason.value.exitCode
+                if code:
+                    outer.ended.errback(RuntimeError(f"{args}: exit {code}\n"
+                                                     f"{outer.out.decode()[-2000:]}"))
+                else:
+                    outer.ended.callback(outer.out.decode())
+
+        argv = [sys.executable, __file__, *args]
+        reactor.spawnProcess(P(), argv[0], argv, env=os.environ)
+
+
+async def end_to_end(seeds: list[str], system: str, sharded: bool, count: int,
+                     window: int) -> dict[str, float]:
+    common = ["--seeds", ",".join(seeds), "--count", str(count), "--window", str(window)]
+    if sharded:
+        common.append("--sharded")
+    sub = _Child("--role", f"{system}-sub", *common)
+    await sub.ready
+    pub = _Child("--role", f"{system}-pub", *common)
+    await pub.ended
+    out = await sub.ended
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def publish_cost(masters: int, count: int, window: int) -> dict[str, float]:
+    from dftx.servers import RedisCluster
+
+    cluster = RedisCluster(masters=masters, replicas=0)
+    await cluster.start()
+    try:
+        pids = [n.process.pid for n in cluster.nodes]
+        cost = {}
+        for sharded in (False, True):
+            before = _cpu_seconds(pids)
+            args = ["--seeds", ",".join(cluster.seeds), "--count", str(count), "--window",
+                    str(window), "--role", "dftx-pub"] + (["--sharded"] if sharded else [])
+            await _Child(*args).ended
+            cost["sharded" if sharded else "classic"] = (
+                (_cpu_seconds(pids) - before) / count * 1e6)
+        return cost
+    finally:
+        await cluster.stop()
+
+
+async def compare(args: argparse.Namespace) -> None:
+    from dftx.servers import RedisCluster
+
+    cluster = RedisCluster(masters=3, replicas=0)
+    await cluster.start()
+    results = {}
+    try:
+        for system in ("dftx", "peer"):
+            for sharded in (False, True):
+                results[system, sharded] = await end_to_end(
+                    cluster.seeds, system, sharded, args.count, args.window)
+    finally:
+        await cluster.stop()
+    costs = {m: await publish_cost(m, args.cost_count, args.window) for m in (3, 6)}
+
+    print(f"end to end, {args.count} messages of ~500 bytes, one publisher and one "
+          f"subscriber process, 3 masters:")
+    print(f"  {'client':32} {'delivered/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'vs peer':>8}")
+    for sharded in (False, True):
+        mode = "sharded" if sharded else "classic"
+        for system, name in (("dftx", f"dftx RedisPubSub {mode}"),
+                             ("peer", f"redis.asyncio {mode}")):
+            r = results[system, sharded]
+            ratio = r["rate"] / results["peer", sharded]["rate"]
+            print(f"  {name:32} {r['rate']:12,.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
+                  f"{ratio:7.2f}x")
+    print("redis-server CPU per published message (all nodes), dftx publisher alone:")
+    for mode in ("classic", "sharded"):
+        c3, c6 = costs[3][mode], costs[6][mode]
+        print(f"  {mode:8}  3 masters {c3:6.1f} us   6 masters {c6:6.1f} us   "
+              f"growth {c6 / c3:4.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--window", type=int, default=1000)
+    parser.add_argument("--cost-count", type=int, default=200_000,
+                        help="messages for the CPU cost (CPU time is counted in 10 ms ticks)")
+    parser.add_argument("--role")
+    parser.add_argument("--seeds")
+    parser.add_argument("--sharded", action="store_true")
+    args = parser.parse_args()
+    roles = {"dftx-pub": dftx_publisher, "peer-pub": peer_publisher}
+    subs = {"dftx-sub": dftx_subscriber, "peer-sub": peer_subscriber}
+    seeds = (args.seeds or "").split(",")
+    if args.role in roles:
+        roles[args.role](seeds, args.sharded, args.count, args.window)
+    elif args.role in subs:
+        subs[args.role](seeds, args.sharded, args.count)
+    else:
+        from twisted.internet import defer, task
+
+        task.react(lambda reactor: defer.ensureDeferred(compare(args)))
+
+
+if __name__ == "__main__":
+    main()
