@@ -113,14 +113,14 @@ def _id_on_another_node(masters, node_of_sub):
 async def test_subscriber_node_killed_it_resubscribes_elsewhere_then_dbrestart(
         redis_cluster, pair_factory, unique):
     p = await pair_factory(False, unique)
-    [node] = list(p.sub._links)
+    [node] = p.sub.nodes
     masters = [m.address for m in await redis_cluster.masters()]
     sender = await pair_factory(False, publisher_id=_id_on_another_node(masters, node))
     await sender.pub.send_event(row("before", unique))
     await poll(lambda: "before" in p.got.keys(unique), 10, "before")
     await redis_cluster.node(node).kill()
     await poll(lambda: p.control("dbrestart"), 20, "dbrestart")
-    [now] = list(p.sub._links)
+    [now] = p.sub.nodes
     assert now != node
     # Messages sent after the restart arrive.
     await sender.pub.send_event(row("after", unique))
@@ -157,7 +157,7 @@ async def test_sharded_slot_migrated_under_a_live_subscriber(redis_cluster, pair
     await redis_cluster.migrate_slot(slot, dst)
     await poll(lambda: p.control("sync"), 15, "sync after the slot moved")
     assert [u.topic for u in p.control("sync")][-1] == unique
-    assert dst.address in p.sub._links and unique.encode() in p.sub._links[dst.address].channels
+    assert dst.address in p.sub.nodes and src.address not in p.sub.nodes
 
     async def delivered():
         await p.pub.send_event(row("after", unique))
@@ -178,21 +178,142 @@ async def test_garbage_on_a_subscribed_channel_is_counted_and_dropped(
     assert p.sub.counters["undecodable"] == 1
 
 
+def topics_on(client, node, prefix, n):
+    """C{n} topic names whose slot C{node} serves, by C{client}'s map."""
+    names = (f"{prefix}-{i}" for i in range(100_000))
+    return [t for t in names if client.owner(key_slot(t)) == node][:n]
+
+
+@MODES
 @aio
-async def test_topics_registered_while_reconnecting_are_subscribed_on_reconnect(
-        redis_cluster, pair_factory, unique):
-    p = await pair_factory(False, unique)
-    [node] = list(p.sub._links)
-    await redis_cluster.node(node).kill()
-    await poll(lambda: p.sub._repairing is not None or p.control("dbrestart"), 10, "repair")
-    await p.sub.register_topic(f"{unique}-late")  # fires at once while reconnecting
-    await poll(lambda: p.control("dbrestart"), 20, "dbrestart")
-    assert f"{unique}-late".encode() in next(iter(p.sub._links.values())).channels
+async def test_lost_connection_resubscribes_every_topic_then_dbrestart(
+        redis_cluster, pair_factory, unique, sharded):
+    topics = [f"{unique}-{i}" for i in range(8)]
+    p = await pair_factory(sharded, *topics)
+    for node in p.sub.nodes:  # the server drops the subscriber's connections
+        await redis_cluster.node(node).cli("CLIENT", "KILL", "TYPE", "pubsub")
+    await poll(lambda: p.control("dbrestart"), 10, "dbrestart")
+    assert p.sub.counters["restarts"] >= 1
 
     async def delivered():
-        await p.pub.send_event(row("late", f"{unique}-late"))
-        return "late" in p.got.keys(f"{unique}-late")
-    await poll(delivered, 15, "the late topic delivers")
+        for t in topics:
+            await p.pub.send_event(row(f"after-{t}", t))
+        return all(f"after-{t}" in p.got.keys(t) for t in topics)
+    await poll(delivered, 10, "every topic delivers again")
+
+
+@aio
+async def test_sharded_owner_killed_calls_while_reconnecting(redis_cluster, pair_factory,
+                                                              unique):
+    """
+    The master of some topics is killed: publishing there errbacks until
+    the failover; a subscriber with a connection there reconnects (topics
+    registered and unregistered meanwhile fire at once and are applied on
+    reconnect); one without registers a topic there (that starts its own
+    reconnection).  Both get dbrestart once the replica took over, then
+    every topic they hold delivers.
+    """
+    probe = await pair_factory(True)
+    client = probe.sub.client
+    home = client.owner(key_slot("D"))
+    victim = next(m for m in client.topology.masters if m != home)
+    lost, later = topics_on(client, victim, f"{unique}-v", 2)
+    [kept] = topics_on(client, home, f"{unique}-h", 1)
+    a = await pair_factory(True, lost, kept)
+    b = await pair_factory(True, kept)
+    assert victim in a.sub.nodes and victim not in b.sub.nodes
+
+    await redis_cluster.node(victim).kill()
+    with pytest.raises(PublishError) as info:
+        await a.pub.send_event(row("dropped", lost))
+    assert info.value.topic == lost
+    await poll(lambda: a.sub._repairing is not None, 5, "a reconnecting")
+    registered = a.sub.register_topic(later)
+    assert registered.called  # at once: applied on reconnect
+    await a.sub.unregister_topic(kept)  # its connection is up: confirmed now
+    await b.sub.register_topic(later)  # its shard is down: b reconnects
+    assert b.sub._repairing is not None
+    await poll(lambda: a.control("dbrestart") and b.control("dbrestart"), 30,
+               "dbrestart after the failover")
+
+    async def delivered():
+        for t in (lost, later, kept):
+            await a.pub.send_event(row(f"after-{t}", t))
+        return (f"after-{lost}" in a.got.keys(lost) and f"after-{later}" in a.got.keys(later)
+                and f"after-{later}" in b.got.keys(later) and f"after-{kept}" in b.got.keys(kept))
+    await poll(delivered, 15, "every registered topic delivers")
+    assert "dropped" not in a.got.keys()
+    assert f"after-{kept}" not in a.got.keys() and a.sub.counters["filtered"] == 0
+    assert a.sub.counters["restarts"] == 1 and b.sub.counters["restarts"] == 1
+
+
+@aio
+async def test_a_stopped_node_is_left_after_keepalive_and_timeout(redis_cluster, unique):
+    """SIGSTOP keeps the connection open but silent: the keepalive PING
+    times out, and the subscriber moves to the next master."""
+    pubsub = RedisPubSub(redis_cluster.seeds[:2], retries=2, timeout=1.0, keepalive=0.3)
+    sub, got = pubsub.get_subscriber(), Received()
+    await sub.register_topic(unique)
+    await sub.initialize(got)
+    [node] = sub.nodes
+    masters = [m.address for m in await redis_cluster.masters()]
+    pub = pubsub.get_publisher(_id_on_another_node(masters, node))
+    await pub.initialize()
+    try:
+        redis_cluster.node(node).pause()
+        await poll(lambda: [u for u in got.updates if u.action == "dbrestart"], 15, "dbrestart")
+        assert sub.nodes and sub.nodes != [node]
+
+        async def delivered():
+            await pub.send_event(row("after", unique))
+            return "after" in got.keys(unique)
+        await poll(delivered, 10, "messages after moving")
+    finally:
+        await sub.close()
+        await pub.close()
+
+
+@aio
+async def test_from_config_sharded_round_trip(redis_cluster, tmp_path, unique):
+    from dftx import config, pubsub
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    path = tmp_path / "dftx.ini"
+    path.write_text(
+        "[df]\n"
+        f"remote_db_hosts = {','.join(redis_cluster.seeds[:2])}\n"
+        "pub_sub_driver = redis_sharded\n"
+        "[df_redis]\nretries = 2\nusername = app\npassword = secret\n")
+    ps = pubsub.from_config(config.load(str(path)))
+    assert isinstance(ps, RedisPubSub) and ps.sharded
+    assert ps.hosts == redis_cluster.seeds[:2]
+    assert ps.client_options == {"retries": 2, "tls": None, "password": "secret",
+                                 "username": "app"}
+    path.write_text(
+        "[df]\n"
+        f"remote_db_hosts = {','.join(redis_cluster.seeds[:2])}\n"
+        "pub_sub_driver = redis\n"
+        f"[df_redis]\ntls = true\nca_file = {ca}\n")
+    ps = pubsub.from_config(config.load(str(path)))
+    assert not ps.sharded and ps.client_options["tls"].ca_file == str(ca)
+    assert ps.client_options["password"] is None and ps.client_options["username"] is None
+    # Usable as configured (the test cluster has no password or TLS).
+    path.write_text(
+        "[df]\n"
+        f"remote_db_hosts = {','.join(redis_cluster.seeds[:2])}\n"
+        "pub_sub_driver = redis_sharded\n")
+    ps = pubsub.from_config(config.load(str(path)))
+    pub, sub, got = ps.get_publisher(), ps.get_subscriber(), Received()
+    try:
+        await pub.initialize()
+        await sub.register_topic(unique)
+        await sub.initialize(got)
+        await pub.send_event(row("cfg", unique))
+        await poll(lambda: "cfg" in got.keys(unique), 10, "cfg")
+    finally:
+        await sub.close()
+        await pub.close()
 
 
 @aio
