@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from dftx.errors import PublishError, SubscribeError
 from dftx.pubsub.redis import RedisPubSub, _ring
@@ -331,3 +331,43 @@ def test_ring_spreads_ids_over_masters():
     firsts = {_ring(masters, f"id-{i}")[0] for i in range(100)}
     assert firsts == set(masters)
     assert sorted(_ring(masters, "x")) == sorted(masters)
+
+
+@aio
+async def test_sharded_sends_keep_their_order_while_the_slot_moves(redis_cluster, pair_factory,
+                                                                    unique):
+    """
+    A publisher sending without pause while the channel's slot moves: the
+    sends the old owner redirects are sent on to the new one before any
+    later send, so no subscriber ever gets one late (it would count it as
+    a duplicate).
+    """
+    p = await pair_factory(True, unique)
+    watcher = await pair_factory(True, unique)
+    slot = key_slot(unique)
+    src = await redis_cluster.owner(slot)
+    dst = next(m for m in await redis_cluster.masters() if m is not src)
+    sends = []
+
+    def burst():
+        n = len(sends)
+        sends.extend(p.pub.send_event(row(f"{n + i}", unique)) for i in range(200))
+
+    loop = task.LoopingCall(burst)
+    loop.start(0.005)
+    await poll(lambda: len(p.got.keys(unique)) > 100, 10, "a stream")
+    await redis_cluster.migrate_slot(slot, dst)
+    await poll(lambda: p.control("sync") and watcher.control("sync"), 15, "moved")
+    n = len(sends)
+    await poll(lambda: len(sends) > n + 200, 10, "more sends")
+    loop.stop()
+    results = await defer.DeferredList(sends, consumeErrors=True)
+    assert all(ok for ok, _ in results)
+    last = f"{len(sends) - 1}"
+    await poll(lambda: last in p.got.keys(unique) and last in watcher.got.keys(unique), 10,
+               "the last send")
+    assert p.pub.stats["redirected"] > 0
+    for sub in (p, watcher):
+        keys = [int(k) for k in sub.got.keys(unique)]
+        assert keys == sorted(keys)
+        assert sub.sub.counters["duplicates"] == 0, sub.sub.counters

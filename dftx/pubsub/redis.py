@@ -39,16 +39,22 @@ Failures, and what the caller sees:
 - C{send_event} while the publisher's node is unreachable errbacks with
   L{PublishError} at once (never queued: the caller undoes its write), and
   the next send goes to the next node (classic) or to the slot's owner as
-  re-read from the cluster (sharded).  A send is never repeated once it
-  may have reached the node; only a sharded send that a node redirected
-  (C{MOVED}: not executed) is sent again, to the new owner.
-- Order: one publisher's messages on one topic go over one connection, in
-  call order.  The one exception is a sharded send redirected while the
-  slot moves: sends made after the redirect go straight to the new owner
-  and may overtake the ones still coming back from the old one.  The
-  subscriber then sees the sequence number jump, delivers a C{sync} of the
-  topic (the owner re-reads it, which includes the late message's write)
-  and drops the late message as stale.
+  re-read from the cluster (sharded).  A send whose connection was lost
+  after it was written is never sent again (it may have run): it errbacks.
+  Only a sharded send that a node redirected (C{MOVED}: not executed) is
+  sent again, to the new owner.
+- Order: one publisher's messages on one topic arrive in call order.  A
+  classic publisher writes them on its one connection; a sharded one on
+  the connection to the slot's owner, and when the slot moves, the
+  redirected sends are sent on to the new owner in the order they come
+  back, and sends made meanwhile take the same way behind them (see
+  L{_Lane}).  A send that
+  errbacks leaves a gap in the topic's sequence numbers: the subscriber
+  delivers a C{sync} of the topic.  One case is left to that mechanism:
+  after a classic publisher moved to the next node, a message accepted by
+  the old node and one by the new travel the cluster bus on different
+  links, so in principle the later may arrive first; the subscriber then
+  syncs the topic and drops the late one as stale.
 - A message that does not decode is counted and dropped (see
   L{dftx.pubsub.api.SubscriberBase}); the subscriber goes on.
 """
@@ -56,15 +62,17 @@ Failures, and what the caller sees:
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from typing import Any, Sequence
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dftx.errors import DBConnectionError, DftxError, PublishError, ReplyError, SubscribeError
 from dftx.pubsub.api import Callback, IPublisher, IPubSub, ISubscriber, PublisherBase, SubscriberBase
-from dftx.redis.cluster import ClusterClient
+from dftx.redis.cluster import MAX_REDIRECTS, ClusterClient
 from dftx.redis.connection import NodeConnection
 from dftx.redis.endpoints import TLSOptions
 from dftx.redis.resp import RespProtocol
@@ -453,6 +461,27 @@ class RedisSubscriber(SubscriberBase):
         self._call(DbUpdate.control(SYNC, topic))
 
 
+class _Lane:
+    """
+    Where a sharded publisher sends one topic's messages: C{node}, the
+    slot's owner when the first of them was sent, for as long as any sent
+    there is in flight.  When the slot moves, each send comes back
+    C{MOVED} from the old owner, in order, and is sent on at once to the
+    new one (C{moved_to}); sends made meanwhile still go to the old owner,
+    behind the others, until none is left there: so no send overtakes an
+    earlier one.
+
+    @ivar hops: sends in flight, per node.
+    """
+
+    __slots__ = ("node", "moved_to", "hops")
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.moved_to: str | None = None
+        self.hops: dict[str, int] = {}
+
+
 @implementer(IPublisher)
 class RedisPublisher(PublisherBase):
     """
@@ -467,6 +496,9 @@ class RedisPublisher(PublisherBase):
         self.sharded = sharded
         self.node: str | None = None
         self._closed = False
+        self._lanes: dict[str, _Lane] = {}  # sharded, per topic
+        #: counters: redirected (sharded sends a node answered MOVED)
+        self.stats: Counter[str] = Counter()
 
     def initialize(self) -> defer.Deferred[None]:
         return defer.ensureDeferred(self._initialize())
@@ -494,16 +526,7 @@ class RedisPublisher(PublisherBase):
             return defer.fail(PublishError(topic, "publisher closed"))
         channel = topic.encode("utf-8")
         if self.sharded:
-            # Straight to the slot's owner on its shared connection (in
-            # order); a redirect goes through the cluster client's routing.
-            slot = key_slot(channel)
-            node = self.client.owner(slot)
-            if node is None:
-                return self._routed(None, topic, channel, data, slot)
-            d = self.client.connection(node).execute(b"SPUBLISH", channel, data)
-            return d.addCallbacks(self._routed, self._failed,
-                                  callbackArgs=(topic, channel, data, slot),
-                                  errbackArgs=(topic, node))
+            return self._spublish(topic, channel, data)
         node = self.node
         if node is None:
             return defer.fail(PublishError(topic, "no Redis node"))
@@ -511,16 +534,56 @@ class RedisPublisher(PublisherBase):
         return d.addCallbacks(self._sent, self._failed, callbackArgs=(topic, node),
                               errbackArgs=(topic, node))
 
-    def _routed(self, reply: Any, topic: str, channel: bytes, data: bytes,
-                slot: int) -> Any:
-        if reply is not None and not isinstance(reply, ReplyError):
-            return None
-        if reply is not None and reply.kind not in ("MOVED", "ASK", "TRYAGAIN",
-                                                    "CLUSTERDOWN"):
-            raise PublishError(topic, reply.message, reply.node)
-        return self.client.execute(b"SPUBLISH", channel, data, slot=slot,
-                                   resend=False).addCallbacks(
-            self._sent, self._failed, callbackArgs=(topic, None), errbackArgs=(topic, None))
+    def _spublish(self, topic: str, channel: bytes, data: bytes) -> defer.Deferred[None]:
+        """
+        SPUBLISH on the shared connection to the node of C{topic}'s lane
+        (see L{_Lane}): the slot's owner, or where the topic's sends in
+        flight went.
+        """
+        lane = self._lanes.get(topic)
+        if lane is None:
+            node = self.client.owner(key_slot(channel))
+            if node is None:
+                self.client.refresh().addErrback(lambda f: None)
+                return defer.fail(PublishError(topic, "no node serves its slot"))
+            lane = self._lanes[topic] = _Lane(node)
+        return self._hop(topic, lane, lane.node, channel, data, 0)
+
+    def _hop(self, topic: str, lane: "_Lane", node: str, channel: bytes, data: bytes,
+             redirects: int) -> defer.Deferred[None]:
+        d = self.client.connection(node).execute(b"SPUBLISH", channel, data)
+        lane.hops[node] = lane.hops.get(node, 0) + 1
+        return d.addBoth(self._hopped, topic, lane, node, channel, data, redirects)
+
+    def _hopped(self, result: Any, topic: str, lane: "_Lane", node: str, channel: bytes,
+                data: bytes, redirects: int) -> Any:
+        left = lane.hops.pop(node) - 1
+        if left:
+            lane.hops[node] = left
+        moved = type(result) is ReplyError and result.kind == "MOVED"
+        d = None
+        if moved and redirects < MAX_REDIRECTS:
+            # Not executed: on to the new owner at once, in reply order,
+            # so behind every earlier send of the topic.
+            self.stats["redirected"] += 1
+            target = self.client._redirect(result, node)[1]
+            if lane.moved_to != target:
+                lane.moved_to = target
+                self.client.refresh().addErrback(lambda f: None)
+            d = self._hop(topic, lane, target, channel, data, redirects + 1)
+        if lane.moved_to is not None and lane.node not in lane.hops:
+            # Every send to the old owner came back: new sends may go
+            # straight to the new one.
+            lane.node, lane.moved_to = lane.moved_to, None
+        if not lane.hops and self._lanes.get(topic) is lane:
+            del self._lanes[topic]
+        if d is not None:
+            return d
+        if isinstance(result, Failure):
+            return self._failed(result, topic, node)
+        if type(result) is ReplyError:
+            raise PublishError(topic, result.message, node)
+        return None
 
     def _sent(self, reply: Any, topic: str, node: str | None) -> None:
         if isinstance(reply, ReplyError):
