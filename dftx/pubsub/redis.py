@@ -61,6 +61,7 @@ Failures, and what the caller sees:
 
 from __future__ import annotations
 
+import uuid
 import zlib
 from collections import Counter
 from typing import Any, Sequence
@@ -641,8 +642,12 @@ class RedisPubSub:
     def get_publisher(self, publisher_id: str | None = None) -> RedisPublisher:
         return RedisPublisher(self._client(), self.sharded, publisher_id)
 
-    def get_subscriber(self) -> RedisSubscriber:
-        import uuid
-
-        return RedisSubscriber(self._client(), self.sharded, f"subscriber-{uuid.uuid4().hex}",
+    def get_subscriber(self, name: str | None = None) -> RedisSubscriber:
+        """
+        @param name: what a classic subscriber hashes to pick its node (a
+            chassis name keeps the choice across restarts); a random one
+            by default.
+        """
+        return RedisSubscriber(self._client(), self.sharded,
+                               name or f"subscriber-{uuid.uuid4().hex}",
                                keepalive=self.keepalive)
