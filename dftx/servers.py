@@ -635,7 +635,8 @@ class OvsdbServer:
     ovsdb-server on a fresh Open_vSwitch database, listening on a unix
     socket and on C{tcp:127.0.0.1:port}.  With C{clustered}, the database is
     a one-member RAFT cluster (C{ovsdb-tool create-cluster}), which is what
-    gives monitor_cond_since real transaction ids.
+    gives monitor_cond_since real transaction ids.  C{extra_args} go to
+    ovsdb-server (e.g. a C{--remote=pssl:...} with its key and certificates).
     """
 
     def __init__(
@@ -643,6 +644,7 @@ class OvsdbServer:
         base_dir: Path | None = None,
         clustered: bool = False,
         schema: str = VSWITCH_SCHEMA,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self._own_dir = base_dir is None
         self.dir = Path(base_dir or tempfile.mkdtemp(prefix="dftx-ovsdb-"))
@@ -661,6 +663,7 @@ class OvsdbServer:
                 f"--unixctl={self.dir / 'ovsdb-server.ctl'}",
                 "--no-chdir",
                 "-vconsole:info",
+                *extra_args,
             ],
             self.dir / "ovsdb-server.log",
             self.dir,

@@ -8,7 +8,10 @@ Fixtures that give tests real servers (see L{dftx.servers}).
 - C{redis_single}: one non-cluster redis-server for the session, restarted
   after a test that killed or paused it.
 - C{ovsdb_server}: a fresh ovsdb-server on a new Open_vSwitch database per
-  test; C{make_ovsdb_server(clustered=True)} for a RAFT database.
+  test; C{make_ovsdb_server(clustered=True)} for a RAFT database,
+  C{extra_args=} for more ovsdb-server options.
+- C{pki}: a CA, a server certificate (localhost, 127.0.0.1) and a client
+  certificate, as PEM files, for the session.
 
 Session fixtures run their Deferreds with C{pytest_twisted.blockon}; the
 per-test ones are async fixtures.
@@ -16,10 +19,16 @@ per-test ones are async fixtures.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import uuid
 
 import pytest
 import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 
 from dftx.servers import OvsdbServer, RedisCluster, RedisServer
@@ -68,8 +77,9 @@ async def redis_single(_single_session):
 async def make_ovsdb_server(tmp_path):
     servers = []
 
-    async def make(clustered: bool = False) -> OvsdbServer:
-        server = OvsdbServer(tmp_path / f"ovsdb-{len(servers)}", clustered=clustered)
+    async def make(clustered: bool = False, extra_args: tuple[str, ...] = ()) -> OvsdbServer:
+        server = OvsdbServer(tmp_path / f"ovsdb-{len(servers)}", clustered=clustered,
+                             extra_args=extra_args)
         servers.append(server)
         await server.start()
         return server
@@ -90,3 +100,65 @@ async def ovsdb_server(make_ovsdb_server):
 def unique():
     """A short random name, so tests sharing a server do not collide."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+def _name(cn):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject, key, issuer, issuer_key, names=(), ca=False):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if names:
+        sans = [
+            x509.IPAddress(ipaddress.ip_address(n)) if n[0].isdigit() else x509.DNSName(n)
+            for n in names
+        ]
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path, cert=None, key=None):
+    data = b""
+    if cert is not None:
+        data += cert.public_bytes(serialization.Encoding.PEM)
+    if key is not None:
+        data += key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA (also alone in C{ca_dir}, for C{caCertsDir=}), a server
+    certificate for localhost/127.0.0.1, a client one signed by the CA."""
+    d = tmp_path_factory.mktemp("pki")
+    (d / "ca").mkdir()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("dftx test CA", ca_key, "dftx test CA", ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _cert("redis", server_key, "dftx test CA", ca_key, ["localhost", "127.0.0.1"])
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = _cert("dftx client", client_key, "dftx test CA", ca_key)
+    return {
+        "dir": d,
+        "ca_dir": str(d / "ca"),
+        "ca": _write(d / "ca" / "ca.pem", ca),
+        "server_cert": _write(d / "server.pem", server),
+        "server_key": _write(d / "server.key", key=server_key),
+        "client_cert": _write(d / "client.pem", client),
+        "client_key": _write(d / "client.key", key=client_key),
+    }

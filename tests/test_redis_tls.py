@@ -6,15 +6,8 @@ listening with TLS.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 
 from dftx.db.redis import RedisDbDriver
@@ -23,67 +16,6 @@ from dftx.redis.endpoints import TLSOptions
 from dftx.servers import RedisServer, free_port
 
 aio = pytest_twisted.ensureDeferred
-
-
-def _name(cn):
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject, key, issuer, issuer_key, names=(), ca=False):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if names:
-        sans = [
-            x509.IPAddress(ipaddress.ip_address(n)) if n[0].isdigit() else x509.DNSName(n)
-            for n in names
-        ]
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path, cert=None, key=None):
-    data = b""
-    if cert is not None:
-        data += cert.public_bytes(serialization.Encoding.PEM)
-    if key is not None:
-        data += key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    path.write_bytes(data)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """A CA, a server certificate for localhost/127.0.0.1, a client one."""
-    d = tmp_path_factory.mktemp("pki")
-    (d / "ca").mkdir()
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("dftx test CA", ca_key, "dftx test CA", ca_key, ca=True)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _cert("redis", server_key, "dftx test CA", ca_key, ["localhost", "127.0.0.1"])
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    client = _cert("dftx client", client_key, "dftx test CA", ca_key)
-    return {
-        "dir": d,
-        "ca_dir": str(d / "ca"),
-        "ca": _write(d / "ca" / "ca.pem", ca),
-        "server_cert": _write(d / "server.pem", server),
-        "server_key": _write(d / "server.key", key=server_key),
-        "client_cert": _write(d / "client.pem", client),
-        "client_key": _write(d / "client.key", key=client_key),
-    }
 
 
 @pytest.fixture(scope="module")

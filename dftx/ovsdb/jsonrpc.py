@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.errors import DBConnectionError, OvsdbError, ProtocolError
+from dftx.errors import DBConnectionError, DftxError, OvsdbError, ProtocolError
 
 DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
 DEFAULT_PROBE_INTERVAL = 5.0
@@ -191,6 +191,10 @@ class JsonRpcProtocol(protocol.Protocol):
         notification (a message with a method and a null id) other than
         C{echo}.
     @ivar peer: what the other end is, for errors and logs.
+    @ivar lost: Deferred that fires, once the connection is gone, with the
+        L{DftxError} that ended it: the L{ProtocolError} or unanswered probe
+        (L{DBConnectionError}) for which this end dropped it, or a
+        L{DBConnectionError} naming the reason it was lost.  It never fails.
     """
 
     def __init__(
@@ -210,8 +214,8 @@ class JsonRpcProtocol(protocol.Protocol):
         self._probe: IDelayedCall | None = None
         self._probing = False
         self._closed = False
-        #: fires with None when the connection is gone
-        self.lost: defer.Deferred[None] = defer.Deferred()
+        self._dropped_for: DftxError | None = None
+        self.lost: defer.Deferred[DftxError] = defer.Deferred()
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -310,8 +314,9 @@ class JsonRpcProtocol(protocol.Protocol):
 
     # --- ending ---------------------------------------------------------------------
 
-    def _drop(self, error: Exception) -> None:
+    def _drop(self, error: DftxError) -> None:
         log.warn("dropping the OVSDB connection: {error}", error=error)
+        self._dropped_for = error
         self._fail_pending(error)
         self.transport.abortConnection()
 
@@ -324,7 +329,7 @@ class JsonRpcProtocol(protocol.Protocol):
             d.errback(error)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self._fail_pending(DBConnectionError(self.peer, f"connection lost: "
-                                             f"{reason.getErrorMessage()}"))
+        error = DBConnectionError(self.peer, f"connection lost: {reason.getErrorMessage()}")
+        self._fail_pending(error)
         if not self.lost.called:
-            self.lost.callback(None)
+            self.lost.callback(self._dropped_for or error)

@@ -3,11 +3,12 @@ L{InterfaceMonitor}: the local controller's view of the Interface table of
 the local ovsdb-server, as L{PortEvent}s.
 
 One long-lived connection, made through any Twisted client endpoint string
-(C{tcp:127.0.0.1:6640}, C{unix:/run/openvswitch/db.sock}, C{ssl:...} with
-the certificate checked against C{hostname} by service-identity) and kept
-by a C{ClientService} that reconnects with a backoff.  On each connection
-the monitor asks for the columns name, type, external_ids, options,
-ofport, admin_state and mac_in_use with the best method the server has:
+(C{tcp:127.0.0.1:6640}, C{unix:/run/openvswitch/db.sock}, C{ssl:...} or
+C{tls:...}; with C{ssl:} the certificate is checked by service-identity
+against C{hostname=}, or the host when none is given) and kept by a
+C{ClientService} that reconnects with a backoff.  On each connection the
+monitor asks for the columns name, type, external_ids, options, ofport,
+admin_state and mac_in_use with the best method the server has:
 
 - C{monitor_cond_since} (OVS 2.12+): after a reconnect to a clustered
   database, the server sends only what changed since the last transaction
@@ -20,25 +21,29 @@ The row cache outlives connections.  When the server sends the whole table,
 the monitor compares it with the cache and reports only real changes:
 offline for ports that disappeared while disconnected, online for new ones,
 update for changed ones; a port never goes online twice.  Each connection's
-first answer is an I{initial sync}: C{on_sync_start} is called when it
-begins and C{on_sync_end} (in the next reactor turn) once its events are
-delivered, so the owner can tell "port gone while I was away" from "not
-reported yet".
+first answer is an I{initial sync}, bracketed by C{on_sync_start} and
+C{on_sync_end}, so the owner can tell "port gone while I was away" from
+"not reported yet".
 """
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from typing import Any, Callable, Mapping
 
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from dftx.errors import DftxError, OvsdbError, ProtocolError
+from dftx.errors import DBConnectionError, DftxError, OvsdbError, ProtocolError
 from dftx.ovsdb.jsonrpc import DEFAULT_MAX_MESSAGE, DEFAULT_PROBE_INTERVAL, JsonRpcProtocol
-from dftx.ovsdb.ports import PortEvent, port_state, transition
+from dftx.ovsdb.ports import OFFLINE, PortEvent, port_state, transition
+from dftx.redis.endpoints import NodeEndpoints
 
 log = Logger()
 
@@ -54,6 +59,8 @@ _EMPTY_ROW: dict[str, Any] = {
 ZERO_TXN = "00000000-0000-0000-0000-000000000000"
 METHODS = ("monitor_cond_since", "monitor_cond", "monitor")
 MONITOR_ID = "dftx-interfaces"
+# What a reply or notification of the wrong shape raises while it is applied.
+_BAD_DATA = (ProtocolError, TypeError, ValueError, AttributeError, KeyError, IndexError)
 
 Row = dict[str, Any]
 Callback = Callable[[PortEvent], object]
@@ -114,27 +121,101 @@ def _apply_diff(row: Row, diff: Mapping[str, Any]) -> Row:
     return new
 
 
+def client_endpoint(reactor: Any, description: str, timeout: float = 5.0
+                    ) -> IStreamClientEndpoint:
+    """
+    The client endpoint for C{description}: any Twisted client endpoint
+    string, an OVS-style C{tcp:host:port} / C{unix:path} / C{ssl:host:port},
+    or a bare C{host:port}.  An C{ssl:} endpoint without C{hostname=} has
+    its certificate checked against the host it connects to (Twisted's own
+    parser would check no name at all).
+
+    @raise ValueError: when C{description} names no address.
+    """
+    nodes = NodeEndpoints([description], reactor, timeout=timeout)
+    return nodes.endpoint(nodes.seeds[0])
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """An endpoint that reports each failed connection attempt."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint,
+                 failed: Callable[[Failure], None]) -> None:
+        self._endpoint = endpoint
+        self._failed = failed
+
+    def connect(self, factory: protocol.Factory) -> defer.Deferred[Any]:
+        def failed(failure: Failure) -> Failure:
+            self._failed(failure)
+            return failure
+
+        return self._endpoint.connect(factory).addErrback(failed)
+
+
+class _MonitorProtocol(JsonRpcProtocol):
+    """A JSON-RPC connection that starts a monitor session once made."""
+
+    def __init__(self, monitor: "InterfaceMonitor") -> None:
+        super().__init__(monitor.reactor, max_message=monitor.max_message,
+                         probe_interval=monitor.probe_interval)
+        self.monitor = monitor
+        self.on_notification = lambda method, params: monitor._notified(self, method, params)
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.monitor._session(self)
+
+
 class InterfaceMonitor(service.Service):
     """
     Monitors the Interface table (see the module docstring).
 
-    @param endpoint: a Twisted client endpoint string.
+    What the owner can rely on:
+
+    - C{callback} gets every change of a port's state, in order: C{online}
+      once, then C{update}s, then C{offline} once (and C{online} again only
+      if the port comes back), across any number of reconnects.  A change
+      that happened while disconnected is reported after the reconnect; a
+      port added and removed while disconnected is never reported.
+    - L{ports} is, at every moment (inside the callback too), the fold of the
+      events delivered so far: the ports currently online, each mapped to
+      its last event.
+    - Each connection starts an initial sync: C{on_sync_start()} is called
+      when the connection is made, C{on_sync_end()} once the server's first
+      answer has been applied and its events delivered; from then on
+      L{ports} matches the server's table (as of that answer).  A connection
+      lost during the sync gives another C{on_sync_start()} without an
+      C{on_sync_end()}.  Neither hook nor the callback is called after
+      L{stopService}, except for the rest of a batch of events that was
+      being delivered when it was called.
+
+    @param endpoint: a client endpoint string (see L{client_endpoint}).
     @param callback: called with each L{PortEvent}; its exceptions are
-        logged and counted.
+        logged and counted, and the next event is still delivered.
     @param on_sync_start: called with no argument when an initial sync
         begins (each connection).
     @param on_sync_end: called once the initial sync's events are delivered.
+    @param reactor: the reactor (the global one by default).
     @param probe_interval: seconds of silence before an echo probe, and
         then before the connection is dropped (None: no probe).
     @param max_message: the largest JSON-RPC message accepted, in bytes.
+    @param max_retry_delay: the longest wait between reconnect attempts; the
+        first is 0.1 s, then doubling.  A connection that ends before its
+        initial sync counts as a failed attempt.
 
-    @ivar ports: uuid -> the port's current state (a L{PortEvent} whose
-        action is empty), every interface in the table.
+    @ivar ports: uuid -> L{PortEvent}, the ports currently online, each with
+        the last event delivered for it (action C{online} or C{update}).
+    @ivar rows: uuid -> the cached row of every interface, online or not.
     @ivar synced: whether the current connection's initial sync is done.
     @ivar method: the monitor method the server accepted.
+    @ivar last_txn_id: the last transaction seen (C{monitor_cond_since}).
+    @ivar last_error: the L{DftxError} that last ended a connection or
+        connection attempt (None until one did); it is kept after a
+        successful reconnect, for status pages.
     @ivar counters: connections, syncs (initial syncs done), reloads (the
         whole table received), resumes (only changes received), events,
-        callback_errors.
+        callback_errors, connect_failures, bad_updates.
     """
 
     def __init__(
@@ -158,87 +239,99 @@ class InterfaceMonitor(service.Service):
         self.reactor = reactor
         self.probe_interval = probe_interval
         self.max_message = max_message
-        self.max_retry_delay = max_retry_delay
         self.rows: dict[str, Row] = {}
         self.ports: dict[str, PortEvent] = {}
         self.synced = False
         self.method: str | None = None
         self.last_txn_id = ZERO_TXN
+        self.last_error: DftxError | None = None
         self.counters: Counter[str] = Counter()
+        self._states: dict[str, PortEvent] = {}  # every row's fields, action ""
         self._methods = list(METHODS)
-        self._connection: JsonRpcProtocol | None = None
+        self._connection: _MonitorProtocol | None = None
+        self._failures = 0  # connections in a row that ended before a sync
+        self._backoff = backoffPolicy(initialDelay=0.05, maxDelay=max_retry_delay, factor=2.0,
+                                      jitter=lambda: random.random() * 0.1)
+        self._endpoint = _ReportingEndpoint(client_endpoint(reactor, endpoint),
+                                            self._connect_failed)
         self._service: ClientService | None = None
 
     # --- life cycle -----------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        factory = protocol.Factory.forProtocol(self._protocol)
-        self._service = ClientService(
-            endpoints.clientFromString(self.reactor, self.endpoint), factory,
-            retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=self.max_retry_delay),
-            clock=self.reactor, prepareConnection=self._session)
+        factory = protocol.Factory.forProtocol(lambda: _MonitorProtocol(self))
+        self._service = ClientService(self._endpoint, factory, retryPolicy=self._retry_delay,
+                                      clock=self.reactor)
         self._service.startService()
 
     def stopService(self) -> defer.Deferred[None]:
         """@return: Deferred firing once the connection is closed."""
         super().stopService()
         self.synced = False
+        self._connection = None
         if self._service is None:
             return defer.succeed(None)
-        return self._service.stopService()
+        service, self._service = self._service, None
+        return service.stopService()
 
-    def _protocol(self) -> JsonRpcProtocol:
-        proto = JsonRpcProtocol(self.reactor, max_message=self.max_message,
-                                probe_interval=self.probe_interval)
-        proto.on_notification = lambda method, params: self._notified(proto, method, params)
-        return proto
+    def _retry_delay(self, attempt: int) -> float:
+        # ClientService counts failed connection attempts and starts again
+        # at each connection made; connections that ended before their
+        # initial sync count too.
+        return self._backoff(max(attempt, self._failures))
 
-    def _current(self, proto: JsonRpcProtocol) -> bool:
-        # ClientService hands prepareConnection a proxy of the protocol; the
-        # proxy forwards attributes, so compare the protocol it stands for.
-        return self._connection is not None and proto.lost is self._connection.lost
+    def _connect_failed(self, failure: Failure) -> None:
+        if self.running and not failure.check(defer.CancelledError):
+            self.counters["connect_failures"] += 1
+            self.last_error = DBConnectionError(
+                self.endpoint, f"connect failed: {failure.getErrorMessage()}")
 
     # --- one connection ---------------------------------------------------------------
 
-    def _session(self, proto: JsonRpcProtocol) -> defer.Deferred[None]:
-        """ClientService's prepareConnection: monitor and load the table;
-        a failure drops this connection and a new one is tried later."""
-        return defer.ensureDeferred(self._monitor(proto))
-
-    async def _monitor(self, proto: JsonRpcProtocol) -> None:
+    def _session(self, proto: _MonitorProtocol) -> None:
+        """A connection was made: monitor the table on it.  A failure drops
+        it, and ClientService makes the next one after a backoff."""
+        if not self.running:
+            proto.transport.abortConnection()
+            return
         self._connection = proto
         self.synced = False
-        proto.lost.addCallback(self._disconnected, proto)
         self.counters["connections"] += 1
+        proto.lost.addCallback(self._disconnected, proto)
         self._notify_owner(self.on_sync_start)
-        try:
-            method, result = await self._request_monitor(proto)
-        except DftxError as e:
-            log.warn("monitoring {table} on {endpoint} failed: {error}", table=TABLE,
-                     endpoint=self.endpoint, error=e)
-            raise
+        defer.ensureDeferred(self._monitor(proto)).addErrback(self._session_failed, proto)
+
+    async def _monitor(self, proto: _MonitorProtocol) -> None:
+        method, result = await self._request_monitor(proto)
+        if not self._current(proto):
+            return
         self.method = method
-        if method == "monitor_cond_since":
-            found, self.last_txn_id, updates = result
-            if found:
-                self.counters["resumes"] += 1
-                self._apply2(updates)
+        try:
+            if method == "monitor_cond_since":
+                found, txn_id, updates = result
+                if found:
+                    self.counters["resumes"] += 1
+                    self._apply2(updates)
+                else:
+                    self._reload(updates, update2=True)
+                self.last_txn_id = txn_id
             else:
-                self._reload(updates, update2=True)
-        else:
-            self._reload(result, update2=method == "monitor_cond")
+                self._reload(result, update2=method == "monitor_cond")
+        except _BAD_DATA as e:
+            raise self._bad_data(method, e) from None
         self.synced = True
+        self._failures = 0
         self.counters["syncs"] += 1
         log.info("{endpoint}: {n} interfaces ({method})", endpoint=self.endpoint,
                  n=len(self.rows), method=method)
-        # After this connection's set-up is over: the owner may stop the
-        # monitor from the hook.
-        self.reactor.callLater(0, self._notify_owner, self.on_sync_end)
+        if self.running:
+            self._notify_owner(self.on_sync_end)
 
-    async def _request_monitor(self, proto: JsonRpcProtocol) -> tuple[str, Any]:
+    async def _request_monitor(self, proto: _MonitorProtocol) -> tuple[str, Any]:
         """Ask with the best method the server accepts; remember it."""
-        for method in list(self._methods):
+        while True:
+            method = self._methods[0]
             if method == "monitor":
                 params: list[Any] = [DATABASE, MONITOR_ID, {TABLE: {"columns": list(COLUMNS)}}]
             else:
@@ -248,50 +341,83 @@ class InterfaceMonitor(service.Service):
             try:
                 return method, await proto.request(method, params)
             except OvsdbError as e:
-                if "unknown method" not in e.error or method == self._methods[-1]:
+                if "unknown method" not in e.error or len(self._methods) == 1:
                     raise
                 log.info("{endpoint} has no {method}", endpoint=self.endpoint, method=method)
-                self._methods.remove(method)
-        raise AssertionError("unreachable")
+                self._methods.pop(0)
 
-    def _disconnected(self, _: None, proto: JsonRpcProtocol) -> None:
+    def _session_failed(self, failure: Failure, proto: _MonitorProtocol) -> None:
+        error = failure.value
+        if not isinstance(error, DftxError):
+            log.failure("monitoring {endpoint} failed", failure, endpoint=self.endpoint)
+            error = ProtocolError(f"unexpected {failure.getErrorMessage()}", self.endpoint)
         if self._current(proto):
-            self.synced = False
-            self._connection = None
-            if self.running:
-                log.info("lost {endpoint}; reconnecting", endpoint=self.endpoint)
+            self.last_error = error
+            log.warn("monitoring {table} on {endpoint} failed: {error}", table=TABLE,
+                     endpoint=self.endpoint, error=error)
+        proto.transport.abortConnection()
 
-    def _notified(self, proto: JsonRpcProtocol, method: str, params: Any) -> None:
-        if not self._current(proto) or not isinstance(params, list) or not params:
+    def _current(self, proto: _MonitorProtocol) -> bool:
+        return proto is self._connection
+
+    def _disconnected(self, error: DftxError, proto: _MonitorProtocol) -> None:
+        if not self._current(proto):
+            return
+        if not self.synced:
+            self._failures += 1
+        self.synced = False
+        self._connection = None
+        if self.running:
+            self.last_error = error
+            log.info("lost {endpoint} ({error}); reconnecting", endpoint=self.endpoint,
+                     error=error)
+
+    def _notified(self, proto: _MonitorProtocol, method: str, params: Any) -> None:
+        if not self._current(proto) or not self.synced:
             return
         try:
-            if method == "update3" and len(params) == 3:
-                self._apply2(params[2])
-                self.last_txn_id = params[1]
-            elif method == "update2" and len(params) == 2:
+            if method == "update3":
+                _, txn_id, updates = params
+                self._apply2(updates)
+                self.last_txn_id = txn_id
+            elif method == "update2":
                 self._apply2(params[1])
-            elif method == "update" and len(params) == 2:
+            elif method == "update":
                 self._apply1(params[1])
-        except (ProtocolError, TypeError, ValueError, AttributeError, KeyError) as e:
+        except _BAD_DATA as e:
+            self.last_error = self._bad_data(method, e)
+            log.warn("{error}: reconnecting", error=self.last_error)
             proto.transport.abortConnection()
-            log.warn("bad {method} from {endpoint} ({error}): reconnecting", method=method,
-                     endpoint=self.endpoint, error=e)
+
+    def _bad_data(self, method: str, error: Exception) -> ProtocolError:
+        """
+        An answer that cannot be applied: the stream is no longer to be
+        trusted, and part of it may be applied already.  The next connection
+        must send the whole table (which the cache is compared with), not
+        changes since a transaction id whose changes were half applied.
+        """
+        self.counters["bad_updates"] += 1
+        self.last_txn_id = ZERO_TXN
+        reason = error.reason if isinstance(error, ProtocolError) else repr(error)
+        return ProtocolError(f"bad {method} for {TABLE}: {reason}", self.endpoint)
 
     # --- applying updates ---------------------------------------------------------------
 
     def _reload(self, updates: Any, update2: bool) -> None:
         """The whole table arrived: replace the cache, report differences."""
         self.counters["reloads"] += 1
-        table = (updates or {}).get(TABLE, {})
         fresh: dict[str, Row] = {}
-        for uuid, change in table.items():
+        for uuid, change in (updates or {}).get(TABLE, {}).items():
             columns = change.get("initial", change.get("insert")) if update2 else change.get("new")
             if columns is not None:
                 fresh[uuid] = _full_row(columns)
+        # Offline first: a port re-created under a new uuid goes offline
+        # before its new row comes online.
         for uuid in [u for u in self.rows if u not in fresh]:
             self._set(uuid, None)
         for uuid, row in fresh.items():
-            self._set(uuid, row)
+            if self.rows.get(uuid) != row:
+                self._set(uuid, row)
 
     def _apply2(self, updates: Any) -> None:
         for uuid, change in (updates or {}).get(TABLE, {}).items():
@@ -313,22 +439,27 @@ class InterfaceMonitor(service.Service):
             self._set(uuid, None if new is None else _full_row(new))
 
     def _set(self, uuid: str, row: Row | None) -> None:
-        old = self.ports.get(uuid)
+        old = self._states.get(uuid)
         if row is None:
             self.rows.pop(uuid, None)
-            self.ports.pop(uuid, None)
+            self._states.pop(uuid, None)
             new = None
         else:
             self.rows[uuid] = row
-            new = self.ports[uuid] = port_state(uuid, row)
+            new = self._states[uuid] = port_state(uuid, row)
         event = transition(old, new)
-        if event is not None:
-            self.counters["events"] += 1
-            try:
-                self.callback(event)
-            except Exception:
-                self.counters["callback_errors"] += 1
-                log.failure("port event callback failed on {event!r}", event=event)
+        if event is None:
+            return
+        if event.action == OFFLINE:
+            del self.ports[uuid]
+        else:
+            self.ports[uuid] = event
+        self.counters["events"] += 1
+        try:
+            self.callback(event)
+        except Exception:
+            self.counters["callback_errors"] += 1
+            log.failure("port event callback failed on {event!r}", event=event)
 
     def _notify_owner(self, hook: Callable[[], object] | None) -> None:
         if hook is None:
