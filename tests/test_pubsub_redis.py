@@ -30,11 +30,11 @@ def row(key, topic=None, value="{}"):
 class Pair:
     """A publisher and a subscriber on the cluster, both closed at the end."""
 
-    def __init__(self, cluster, sharded, publisher_id=None):
+    def __init__(self, cluster, sharded, publisher_id=None, sub_name=None):
         self.cluster = cluster
         self.pubsub = RedisPubSub(cluster.seeds[:2], sharded=sharded, retries=2, timeout=2.0)
         self.pub = self.pubsub.get_publisher(publisher_id)
-        self.sub = self.pubsub.get_subscriber()
+        self.sub = self.pubsub.get_subscriber(sub_name)
         self.got = Received()
 
     async def start(self, *topics):
@@ -56,8 +56,8 @@ class Pair:
 async def pair_factory(redis_cluster):
     made = []
 
-    async def make(sharded, *topics, publisher_id=None):
-        p = Pair(redis_cluster, sharded, publisher_id)
+    async def make(sharded, *topics, publisher_id=None, sub_name=None):
+        p = Pair(redis_cluster, sharded, publisher_id, sub_name)
         made.append(p)
         return await p.start(*topics)
 
@@ -102,10 +102,12 @@ async def test_ten_thousand_messages_in_order_none_lost(pair_factory, unique, sh
     assert p.sub.counters["gaps"] == 0 and p.sub.counters["duplicates"] == 0
 
 
-def _id_on_another_node(masters, node_of_sub):
+def _id_on_another_node(masters, node):
+    """A publisher id or subscriber name that a classic client hashes to a
+    master other than C{node}."""
     for i in range(1000):
-        if _ring(masters, f"pub-{i}")[0] != node_of_sub:
-            return f"pub-{i}"
+        if _ring(masters, f"id-{i}")[0] != node:
+            return f"id-{i}"
     raise AssertionError("no id hashes elsewhere")
 
 
@@ -134,8 +136,8 @@ async def test_publisher_node_killed_that_send_errbacks_the_next_succeeds(
     p = await pair_factory(False, unique)
     node = p.pub.node
     masters = [m.address for m in await redis_cluster.masters()]
-    listener = await pair_factory(False, unique,
-                                  publisher_id=_id_on_another_node(masters, node))
+    listener = await pair_factory(False, unique, sub_name=_id_on_another_node(masters, node))
+    assert node not in listener.sub.nodes
     await redis_cluster.node(node).kill()
     with pytest.raises(PublishError) as info:
         await p.pub.send_event(row("lost", unique))
@@ -157,7 +159,9 @@ async def test_sharded_slot_migrated_under_a_live_subscriber(redis_cluster, pair
     await redis_cluster.migrate_slot(slot, dst)
     await poll(lambda: p.control("sync"), 15, "sync after the slot moved")
     assert [u.topic for u in p.control("sync")][-1] == unique
-    assert dst.address in p.sub.nodes and src.address not in p.sub.nodes
+    assert unique.encode() in p.sub._links[dst.address].channels
+    assert all(unique.encode() not in link.channels
+               for a, link in p.sub._links.items() if a != dst.address)
 
     async def delivered():
         await p.pub.send_event(row("after", unique))
@@ -311,6 +315,27 @@ async def test_from_config_sharded_round_trip(redis_cluster, tmp_path, unique):
         await sub.initialize(got)
         await pub.send_event(row("cfg", unique))
         await poll(lambda: "cfg" in got.keys(unique), 10, "cfg")
+    finally:
+        await sub.close()
+        await pub.close()
+
+
+@MODES
+@aio
+async def test_single_server_round_trip_and_reconnect(redis_single, unique, sharded):
+    ps = RedisPubSub([redis_single.address], sharded=sharded, retries=2, timeout=2.0)
+    pub, sub, got = ps.get_publisher(), ps.get_subscriber("compute1"), Received()
+    assert sub.name == "compute1"
+    try:
+        await pub.initialize()
+        await sub.register_topic(unique)
+        await sub.initialize(got)
+        await pub.send_event(row("one", unique))
+        await poll(lambda: "one" in got.keys(unique), 10, "one")
+        await redis_single.cli("CLIENT", "KILL", "TYPE", "pubsub")
+        await poll(lambda: [u for u in got.updates if u.action == "dbrestart"], 10, "dbrestart")
+        await pub.send_event(row("two", unique))
+        await poll(lambda: "two" in got.keys(unique), 10, "two")
     finally:
         await sub.close()
         await pub.close()

@@ -72,7 +72,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dftx.errors import DBConnectionError, DftxError, PublishError, ReplyError, SubscribeError
-from dftx.pubsub.api import Callback, IPublisher, IPubSub, ISubscriber, PublisherBase, SubscriberBase
+from dftx.pubsub.api import (
+    Callback, IPublisher, IPubSub, ISubscriber, PublisherBase, SubscriberBase,
+)
 from dftx.redis.cluster import MAX_REDIRECTS, ClusterClient
 from dftx.redis.connection import NodeConnection
 from dftx.redis.endpoints import TLSOptions
