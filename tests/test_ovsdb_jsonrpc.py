@@ -26,19 +26,30 @@ MESSAGES = [
     {"id": "é", "result": ["ü", "\u2603", "\\u0022"], "error": None},
 ]
 STREAM = b" \n".join(json.dumps(m, ensure_ascii=False).encode() for m in MESSAGES) + b"\r\n"
+# The splitter skips the middle of large messages in bulk; bulk=1 makes
+# every stretch of these small streams go that way too.
+BULK = pytest.mark.parametrize("bulk", [JsonSplitter.bulk, 1], ids=["by-string", "bulk"])
+bulks = st.sampled_from([JsonSplitter.bulk, 1])  # the same, for hypothesis tests
 
 
-def test_every_split_point_of_a_multi_message_stream():
+def splitter(bulk=JsonSplitter.bulk, **kwargs):
+    s = JsonSplitter(**kwargs)
+    s.bulk = bulk
+    return s
+
+
+@BULK
+def test_every_split_point_of_a_multi_message_stream(bulk):
     for cut in range(len(STREAM) + 1):
-        s = JsonSplitter()
+        s = splitter(bulk)
         assert s.feed(STREAM[:cut]) + s.feed(STREAM[cut:]) == MESSAGES, cut
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, len(STREAM)), max_size=12))
-def test_any_chunking(cuts):
+@given(bulk=bulks, cuts=st.lists(st.integers(0, len(STREAM)), max_size=12))
+def test_any_chunking(bulk, cuts):
     bounds = [0, *sorted(cuts), len(STREAM)]
-    s = JsonSplitter()
+    s = splitter(bulk)
     out = []
     for a, b in zip(bounds, bounds[1:]):
         out += s.feed(STREAM[a:b])
@@ -46,27 +57,30 @@ def test_any_chunking(cuts):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(),
+    st.none() | st.booleans() | st.integers() | st.text() | st.text('{}[]"\\ ,:é'),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=20)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.dictionaries(st.text(), json_values, max_size=4), max_size=5), st.data())
-def test_arbitrary_objects_survive_byte_by_byte_or_chunked(objects, data):
-    stream = b"".join(json.dumps(o).encode() for o in objects)
+@settings(max_examples=300, deadline=None)
+@given(bulk=bulks,
+       objects=st.lists(st.dictionaries(st.text(), json_values, max_size=4), max_size=5),
+       data=st.data())
+def test_arbitrary_objects_survive_byte_by_byte_or_chunked(bulk, objects, data):
+    stream = b"".join(json.dumps(o, ensure_ascii=data.draw(st.booleans())).encode()
+                      for o in objects)
     size = data.draw(st.integers(1, 64))
-    s = JsonSplitter()
+    s = splitter(bulk)
     out = []
     for i in range(0, len(stream), size):
         out += s.feed(stream[i:i + size])
     assert out == objects
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=200))
-def test_garbage_is_protocol_error_or_waits_never_anything_else(data):
-    s = JsonSplitter(max_message=1000)
+@settings(max_examples=400, deadline=None)
+@given(bulk=bulks, data=st.binary(max_size=200) | st.text('{}[]"\\ :x').map(str.encode))
+def test_garbage_is_protocol_error_or_waits_never_anything_else(bulk, data):
+    s = splitter(bulk, max_message=1000)
     try:
         for message in s.feed(data):
             assert isinstance(message, dict)
@@ -88,6 +102,21 @@ def test_oversized_message_is_refused_before_it_is_complete():
         s.feed(b"x" * 200)
     assert JsonSplitter(max_message=1000).feed(b'{"a": "' + b"x" * 980 + b'"}') == [
         {"a": "x" * 980}]
+
+
+@BULK
+@pytest.mark.parametrize("levels", [3, 11, 12, 13, 40])
+def test_deep_nesting_in_any_chunks(bulk, levels):
+    value = {"a": ["x]"]}
+    for i in range(levels):
+        value = {"k": [value, "}" * i, {}], "n": i}
+    stream = json.dumps(value).encode() + json.dumps({"after": 1}).encode()
+    for size in (1, 7, 64, len(stream)):
+        s = splitter(bulk)
+        out = []
+        for i in range(0, len(stream), size):
+            out += s.feed(stream[i:i + size])
+        assert out == [value, {"after": 1}], size
 
 
 def _big(rows):

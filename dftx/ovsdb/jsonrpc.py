@@ -39,6 +39,15 @@ DEFAULT_PROBE_INTERVAL = 5.0
 log = Logger()
 
 _SPACE = re.compile(rb"[ \t\r\n]*")
+# Complete strings and the bytes between them, up to the opening quote of an
+# unfinished string or the end; and one complete string.  Possessive
+# quantifiers: no backtracking, so a failed match costs one pass.
+_COMPLETE = re.compile(rb'(?:[^"]++|"(?:[^"\\]++|\\.)*+")*+', re.DOTALL)
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+# Brackets as "(" and ")", everything else deleted.
+_BRACKETS = bytes.maketrans(b"{[}]", b"(())")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"{[}]")))
+_PAIR_PASSES = 12  # nesting a bulk skip resolves; deeper is scanned string by string
 _OPEN = frozenset(b"{[")
 _CLOSE = frozenset(b"}]")
 
@@ -66,13 +75,36 @@ def _backslash_run_start(buf: bytearray, end: int, floor: int) -> int:
     return start
 
 
+def _unmatched(text: bytes) -> tuple[int, int]:
+    """
+    The brackets of C{text} (strings removed) that it does not itself close
+    or open: (closes, opens); depth reaches its lowest, C{closes} below the
+    start, before any of those C{opens}.  (len(text), 0), which means "may
+    reach any depth", when the nesting is too deep to resolve in a few passes.
+    """
+    text = text.translate(_BRACKETS, _NOT_BRACKETS)
+    for _ in range(_PAIR_PASSES):
+        paired = text.replace(b"()", b"")
+        if len(paired) == len(text):
+            closes = text.count(b")")
+            return closes, len(text) - closes
+        text = paired
+    return len(text) + 1, 0
+
+
 class JsonSplitter:
     """
     Splits a byte stream of concatenated JSON objects.
 
     @param max_message: the largest message, in bytes; a longer one is a
         L{ProtocolError} as soon as that many bytes of it have arrived.
+
+    @ivar bulk: inside a message, with at least this many bytes unscanned,
+        skip the complete strings of the whole stretch with one regular
+        expression and count its brackets, instead of going string by string.
     """
+
+    bulk = 1024
 
     def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.max_message = max_message
@@ -111,6 +143,7 @@ class JsonSplitter:
         buf += data
         pos, depth, in_string = self._pos, self._depth, self._in_string
         end = len(buf)
+        exact_until = 0  # where a bulk skip saw that a message may end
         while pos < end:
             if in_string:
                 quote = _closing_quote(buf, pos)
@@ -132,6 +165,20 @@ class JsonSplitter:
                     raise ProtocolError(
                         f"expected a JSON object, got {bytes(buf[pos:pos + 40])!r}")
                 self._start = pos
+            elif end - pos >= self.bulk and pos >= exact_until:
+                # The bulk of a large message: strings skipped and removed,
+                # brackets counted, all in C, unless the depth could reach
+                # 0 in the stretch (then it is scanned string by string).
+                stop = _COMPLETE.match(buf, pos).end()
+                closes, opens = _unmatched(_STRING.sub(b"", buf[pos:stop]))
+                if closes < depth:
+                    depth += opens - closes
+                    pos = stop
+                    if pos < end:  # at the opening quote of an unfinished string
+                        pos += 1
+                        in_string = True
+                    continue
+                exact_until = stop
             # Up to the next string: count brackets in C, unless the depth
             # could reach 0 in this stretch (a message may end there).
             quote = buf.find(b'"', pos)
