@@ -379,7 +379,8 @@ async def test_ssl_with_the_hostname_checked(make_ovsdb_server, pki):
         f"--remote=pssl:{port}:127.0.0.1", f"--private-key={pki['server_key']}",
         f"--certificate={pki['server_cert']}", f"--ca-cert={pki['ca']}"))
     await server.vsctl("add-br", "br-int")
-    client = f"caCertsDir={pki['ca_dir']}:certKey={pki['client_cert']}:privateKey={pki['client_key']}"
+    client = (f"caCertsDir={pki['ca_dir']}:certKey={pki['client_cert']}:"
+              f"privateKey={pki['client_key']}")
     # Without hostname=, the certificate is checked against the host (an IP
     # address the server certificate names); tls: checks it by itself.
     for endpoint in (f"ssl:127.0.0.1:{port}:{client}",
@@ -516,7 +517,8 @@ def test_falls_back_to_what_an_older_server_has(known, unhandled):
     initial = {"initial": ROW} if known == "monitor_cond" else {"new": ROW}
     fake.reply(request, {"Interface": {"u1": initial}})
     assert fake.monitor.method == known and fake.rec.marks == ["start", "end"]
-    assert [(e.name, e.action, e.admin_state) for e in fake.rec.take()] == [("tap1", "online", "up")]
+    [online] = fake.rec.take()
+    assert (online.name, online.action, online.admin_state) == ("tap1", "online", "up")
     if known == "monitor":
         change = {"u1": {"old": {"ofport": ["set", []]}, "new": {**ROW, "ofport": 4}}}
         fake.send({"id": None, "method": "update", "params": ["dftx-interfaces",

@@ -6,9 +6,12 @@ L{JsonSplitter} cuts the stream into messages.  It looks at each byte a
 bounded number of times in total, whatever the TCP chunking (a 50 MB reply
 in 4 KB chunks is not rescanned per chunk): it keeps its scanning state
 (nesting depth, inside a string or not, a pending backslash) between
-chunks, finds the end of each string with C{bytes.find}, counts brackets
-between strings with C{bytes.count}, and hands each complete value to
-C{json.loads} once.
+chunks and hands each complete value to C{json.loads} once.  Inside a
+large message it skips whole stretches in C: one regular expression
+(possessive, so linear) finds the complete strings, which are removed,
+and the brackets left are reduced to the lowest depth they reach.  Only
+where that depth could be 0 (a message may end there) does it go string
+by string, with C{bytes.find} and C{bytes.count}.
 
 L{JsonRpcProtocol} sends requests (each L{request} Deferred fires with the
 result, or fails with L{OvsdbError}), answers the server's C{echo} at once,
