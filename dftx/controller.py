@@ -64,7 +64,7 @@ class ControllerService(runner.RoleService):
 
     @ivar mirror: the L{Mirror} of the tables in [df_local_controller]
         tables; C{mirror.cache} is the L{LocalCache}.
-    @ivar ports: the online ports the OVSDB monitor reported, by uuid.
+    @ivar ports: the online ports (the OVSDB monitor's C{ports}), by uuid.
     @ivar counters: updates, port_status_writes, port_status_errors,
         ha_topologies (the mirror has its own).
     """
@@ -81,7 +81,6 @@ class ControllerService(runner.RoleService):
         self.db = db_from_config(config)
         self.mirror = Mirror(self.db, lc.tables, lc.topics, clock)
         self.cache = self.mirror.cache
-        self.ports: dict[str, Any] = {}
         self.counters: Counter[str] = Counter()
         self.nb: NbApi | None = None
         self.publisher: Any = None
@@ -133,6 +132,11 @@ class ControllerService(runner.RoleService):
     def online_ports(self) -> list[dict[str, Any]]:
         """The fields of every port online now (C{GET /v1/ports})."""
         return [port_fields(e) for e in self.ports.values()]
+
+    @property
+    def ports(self) -> dict[str, Any]:
+        """The ports the OVSDB monitor reports online, by uuid."""
+        return self.monitor.ports if self.monitor is not None else {}
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -231,10 +235,6 @@ class ControllerService(runner.RoleService):
     # --- ports --------------------------------------------------------------------------
 
     def _port_event(self, event: Any) -> None:
-        if event.action == "offline":
-            self.ports.pop(event.uuid, None)
-        else:
-            self.ports[event.uuid] = event
         if event.kind == "vm" and event.iface_id:
             status = "down" if event.action == "offline" else "up"
             self._set_port_status(event.iface_id, status, event.ofport)
