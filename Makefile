@@ -8,10 +8,16 @@ APT_PACKAGES = redis-server redis-tools openvswitch-common openvswitch-switch
 NEEDED = /usr/bin/redis-server /usr/bin/redis-cli /usr/sbin/ovsdb-server \
          /usr/bin/ovs-vsctl /usr/share/openvswitch/vswitch.ovsschema
 
-.PHONY: test system-deps venv clean
+.PHONY: test sandbox system-deps venv clean
 
 test: system-deps venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# A whole deployment on loopback with a narrated scenario; SANDBOX_ARGS=--once
+# stops after it instead of running until Ctrl-C.
+SANDBOX_ARGS ?=
+sandbox: system-deps venv
+	$(VENV)/bin/python -m dftx.sandbox $(SANDBOX_ARGS)
 
 system-deps:
 	@missing=""; for f in $(NEEDED); do [ -e $$f ] || missing="$$missing $$f"; done; \

@@ -108,3 +108,147 @@ def _parsed(value: str) -> Any:
         return json.loads(value)
     except ValueError:
         return value
+
+
+# --- the narrated sandbox: python -m dftx.sandbox [--once] ---------------------------
+
+
+def _say(text: str) -> None:
+    import time
+
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+async def _status_is(d: Deployment, iface_id: str, status: str) -> bool:
+    row = (await d.db_table("port_status")).get(iface_id)
+    return isinstance(row, dict) and row.get("status") == status
+
+
+async def scenario(d: Deployment) -> None:
+    """What the sandbox shows, step by step, with measured times."""
+    import time
+
+    from dftx.errors import DftxError
+    from dftx.redis.slots import key_slot
+
+    _say("writing 20 lport rows through NbApi (Redis Cluster, then ZeroMQ via dfpublisher)")
+    t = time.monotonic()
+    for i in range(20):
+        await d.nb.create("lport", f"port-{i}", json.dumps({"id": f"port-{i}", "n": i}))
+    await d.wait_converged("lport")
+    _say(f"  both controllers have them ({time.monotonic() - t:.2f}s)")
+
+    _say("plugging one VM port into each compute node's br-int with ovs-vsctl")
+    t = time.monotonic()
+    for i, ovsdb in enumerate(d.ovsdbs, 1):
+        await ovsdb.vsctl("add-port", "br-int", f"tap{i}", "--", "set", "Interface",
+                          f"tap{i}", f"external_ids:iface-id=vm-{i}",
+                          f"external_ids:attached-mac=fa:16:3e:00:00:0{i}")
+    for i in range(1, len(d.ovsdbs) + 1):
+        await poll(lambda i=i: _status_is(d, f"vm-{i}", "up"), 30, f"vm-{i} up")
+    _say(f"  port_status says up for every VM port ({time.monotonic() - t:.2f}s)")
+
+    master = await d.cluster.owner(key_slot("{lport.}port-0"))
+    _say(f"killing the Redis master {master.address} (kill -9; cluster-node-timeout "
+         f"{d.cluster.node_timeout_ms} ms)")
+    await master.kill()
+    t = time.monotonic()
+    while True:
+        try:
+            await d.nb.create("lport", "after-failover", '{"id": "after-failover"}')
+            break
+        except DftxError:
+            if time.monotonic() - t > 60:
+                raise
+    _say(f"  first NB write succeeded after {time.monotonic() - t:.2f}s")
+    await d.wait_converged("lport", 60)
+    _say(f"  every controller's cache equals the NB DB after {time.monotonic() - t:.2f}s")
+
+    _say("unplugging the VM ports")
+    t = time.monotonic()
+    for i, ovsdb in enumerate(d.ovsdbs, 1):
+        await ovsdb.vsctl("del-port", "br-int", f"tap{i}")
+    for i in range(1, len(d.ovsdbs) + 1):
+        await poll(lambda i=i: _status_is(d, f"vm-{i}", "down"), 30, f"vm-{i} down")
+    _say(f"  port_status says down ({time.monotonic() - t:.2f}s)")
+
+
+async def run_sandbox(once: bool) -> None:
+    """Start everything in a temporary directory, run the scenario, then
+    keep running until Ctrl-C (or stop at once with C{once}); everything is
+    stopped and removed on every way out."""
+    import shutil
+    import signal
+    import tempfile
+
+    from twisted.internet import defer, reactor
+
+    base = Path(tempfile.mkdtemp(prefix="dftx-sandbox-"))
+    cluster = RedisCluster(base / "redis", masters=3, replicas=1)
+    d = Deployment(base, cluster, controllers=2, publisher_timeout=30, db_sync_time=30)
+    # Ctrl-C and SIGTERM end the run through the finally below, before the
+    # reactor stops (a ZeroMQ context terminated with sockets open would
+    # hang the shutdown).
+    interrupted: defer.Deferred[None] = defer.Deferred()
+
+    def on_signal(signum: int, frame: object) -> None:
+        reactor.callFromThread(
+            lambda: interrupted.called or interrupted.errback(KeyboardInterrupt()))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        _say(f"starting a Redis Cluster (3 masters, 3 replicas) in {base}")
+        await _or_interrupted(cluster.start(), interrupted)
+        _say("starting 2 ovsdb-servers, dfpublisher and 2 dfcontrollers")
+        await _or_interrupted(d.start(), interrupted)
+        await _or_interrupted(scenario(d), interrupted)
+        _say("scenario done")
+        if not once:
+            _say(f"dfpublisher status: {d.publisher.url('/v1/status')}")
+            for c in d.controllers:
+                _say(f"{c.dir.name} status: {c.url('/v1/status')}  tables: "
+                     f"{c.url('/v1/tables/lport')}  ports: {c.url('/v1/ports')}")
+            _say("running until Ctrl-C")
+            await interrupted
+    except KeyboardInterrupt:
+        _say("interrupted")
+    finally:
+        _say("stopping everything")
+        await d.stop()
+        await cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def _or_interrupted(work: Any, interrupted: Any) -> None:
+    """Run C{work}; raise KeyboardInterrupt as soon as C{interrupted} fails."""
+    from twisted.internet import defer
+
+    step = defer.ensureDeferred(work)
+    first = defer.DeferredList([step, interrupted], fireOnOneCallback=True,
+                               fireOnOneErrback=True, consumeErrors=True)
+    try:
+        await first
+    except defer.FirstError as e:
+        if not step.called:
+            step.cancel()
+            step.addErrback(lambda f: None)
+        e.subFailure.raiseException()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from twisted.internet import defer, task
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dftx.sandbox",
+        description="A whole dftx deployment on this machine, with a narrated scenario.")
+    parser.add_argument("--once", action="store_true",
+                        help="stop after the scenario instead of running until Ctrl-C")
+    args = parser.parse_args(argv)
+    task.react(lambda reactor: defer.ensureDeferred(run_sandbox(args.once)))
+
+
+if __name__ == "__main__":
+    main()
