@@ -21,6 +21,7 @@ setup(
         "service-identity>=24.1",
         "zope.interface>=6",
     ],
+    entry_points={"console_scripts": ["dftx = dftx.cli:main"]},
     extras_require={
         "test": [
             "pytest>=8",

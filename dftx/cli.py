@@ -1,0 +1,269 @@
+"""
+The operator command, C{dftx} (also C{python -m dftx}):
+
+    dftx topology                      the cluster's masters, slots, replicas
+    dftx ls TABLE [--topic T]          every row of a table: key, topic, value
+    dftx get TABLE KEY [--topic T]     one row's value
+    dftx publish TABLE KEY ACTION [VALUE] [--topic T]
+                                       write through NbApi (create|set|delete)
+                                       and publish, as an API server does
+    dftx tail [--topic T ...] [--json] live updates, one line each
+    dftx status URL                    a service's /v1/status, readable
+
+The NB database comes from C{--db host:port,...} or the C{[df]} section of
+C{--config FILE}; publishing and tailing need C{--config} (the pub/sub
+driver, and with ZeroMQ the publisher service's ipc socket or the table of
+publishers).  A mistake (bad arguments, a missing key, an unreachable
+database) is one line on stderr and exit status 1 (2 for usage errors),
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from twisted.internet import defer, task
+
+from dftx import config as dfconfig
+from dftx.errors import DftxError
+
+
+class UserError(Exception):
+    """A mistake of the caller: reported as one line."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dftx", description="Look inside a dftx deployment.")
+    p.add_argument("--config", help="an INI file of a service ([df], [df_redis], ...)")
+    p.add_argument("--db", help="Redis seed nodes, host:port,... (instead of --config)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("topology", help="the Redis Cluster's masters, slots and replicas")
+    ls = sub.add_parser("ls", help="every row of a table")
+    ls.add_argument("table")
+    ls.add_argument("--topic")
+    get = sub.add_parser("get", help="one row's value")
+    get.add_argument("table")
+    get.add_argument("key")
+    get.add_argument("--topic")
+    pub = sub.add_parser("publish", help="write a row through NbApi and publish it")
+    pub.add_argument("table")
+    pub.add_argument("key")
+    pub.add_argument("action", choices=["create", "set", "delete"])
+    pub.add_argument("value", nargs="?")
+    pub.add_argument("--topic")
+    tail = sub.add_parser("tail", help="live updates, one line each")
+    tail.add_argument("--topic", action="append", default=[])
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.add_argument("--count", type=int, help="stop after this many updates")
+    status = sub.add_parser("status", help="a service's /v1/status")
+    status.add_argument("url")
+    return p
+
+
+def _config(args: argparse.Namespace) -> dfconfig.Config:
+    if args.config:
+        return dfconfig.load(args.config)
+    if args.db:
+        return dfconfig.parse(f"[df]\nremote_db_hosts = {args.db}\n")
+    raise UserError("give --db host:port,... or --config FILE")
+
+
+async def _db(args: argparse.Namespace) -> Any:
+    from dftx.nb import db_from_config
+
+    db = db_from_config(_config(args))
+    await db.initialize()
+    return db
+
+
+async def topology(args: argparse.Namespace, out: Any) -> None:
+    db = await _db(args)
+    try:
+        t = db.client.topology
+        for master, info in t.as_dict()["masters"].items():
+            slots = " ".join(f"{a}-{b}" for a, b in info["slots"])
+            replicas = ", ".join(info["replicas"]) or "none"
+            out.write(f"{master}  slots {slots}  replicas {replicas}\n")
+    finally:
+        await db.close()
+
+
+async def ls(args: argparse.Namespace, out: Any) -> None:
+    db = await _db(args)
+    try:
+        for topic, key, value in sorted(await db.get_all_rows(args.table, args.topic),
+                                        key=lambda r: (r[0] or "", r[1])):
+            out.write(f"{key}\t{topic or '-'}\t{value}\n")
+    finally:
+        await db.close()
+
+
+async def get(args: argparse.Namespace, out: Any) -> None:
+    db = await _db(args)
+    try:
+        out.write(await db.get_key(args.table, args.key, args.topic) + "\n")
+    finally:
+        await db.close()
+
+
+def _pubsub(cfg: dfconfig.Config, relay: bool) -> Any:
+    from dftx import pubsub
+
+    if cfg.df.pub_sub_driver != "zmq":
+        return pubsub.from_config(cfg)
+    from dftx.pubsub.zmq import ZmqPubSub
+
+    if relay:
+        return ZmqPubSub(relay=f"ipc://{cfg.neutron_server.publisher_multiproc_socket}")
+    return ZmqPubSub()
+
+
+async def publish(args: argparse.Namespace, out: Any) -> None:
+    from dftx.nb import NbApi
+
+    if not args.config:
+        raise UserError("publish needs --config (the pub/sub settings)")
+    if args.action != "delete" and args.value is None:
+        raise UserError(f"{args.action} needs a VALUE")
+    cfg = _config(args)
+    db = await _db(args)
+    pub = _pubsub(cfg, relay=True).get_publisher()
+    try:
+        await pub.initialize()
+        nb = NbApi(db, pub)
+        if args.action == "create":
+            await nb.create(args.table, args.key, args.value, args.topic)
+        elif args.action == "set":
+            await nb.update(args.table, args.key, args.value, args.topic)
+        else:
+            await nb.delete(args.table, args.key, args.topic)
+        out.write(f"{args.action} {args.table}/{args.key} done\n")
+    finally:
+        await pub.close()
+        await db.close()
+
+
+def _line(update: Any, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({**update.to_dict(), "publisher": update.publisher,
+                           "seq": update.seq}, sort_keys=True)
+    if update.is_control:
+        return f"{update.action} {update.topic or '*'}"
+    return f"{update.topic} {update.action} {update.table}/{update.key} {update.value or ''}"
+
+
+async def tail(args: argparse.Namespace, out: Any) -> None:
+    from dftx.pubsub.registry import Discovery
+
+    if not args.config:
+        raise UserError("tail needs --config (the pub/sub settings)")
+    cfg = _config(args)
+    db = await _db(args)
+    sub = _pubsub(cfg, relay=False).get_subscriber()
+    done: defer.Deferred[None] = defer.Deferred()
+    seen = [0]
+    discovery = None
+
+    def on_update(update: Any) -> None:
+        if discovery is not None:
+            discovery.observe(update)
+        out.write(_line(update, args.json) + "\n")
+        out.flush()
+        if not update.is_control:
+            seen[0] += 1
+            if args.count is not None and seen[0] >= args.count and not done.called:
+                done.callback(None)
+
+    try:
+        for topic in args.topic:
+            await sub.register_topic(topic)
+        await sub.initialize(on_update)
+        if cfg.df.pub_sub_driver == "zmq":
+            discovery = Discovery(db, sub, dfconfig.LOCAL_CONTROLLER, cfg.df.publisher_timeout)
+            discovery.startService()
+            await discovery.ready
+        await done
+    finally:
+        if discovery is not None:
+            await discovery.stopService()
+        await sub.close()
+        await db.close()
+
+
+async def status(args: argparse.Namespace, out: Any) -> None:
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from dftx.servers import _Body
+
+    url = args.url if "/v1/" in args.url else args.url.rstrip("/") + "/v1/status"
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    try:
+        response = await agent.request(b"GET", url.encode())
+    except Exception as e:
+        raise UserError(f"{url}: {e}") from None
+    body = _Body()
+    response.deliverBody(body)
+    text = await body.done
+    if response.code != 200:
+        raise UserError(f"{url}: HTTP {response.code}")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise UserError(f"{url}: not JSON") from None
+    _print_tree(data, out, 0)
+
+
+def _print_tree(data: Any, out: Any, depth: int) -> None:
+    pad = "  " * depth
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if isinstance(v, (dict, list)) and v:
+                out.write(f"{pad}{k}:\n")
+                _print_tree(v, out, depth + 1)
+            else:
+                out.write(f"{pad}{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}\n")
+    elif isinstance(data, list):
+        for v in data:
+            if isinstance(v, (dict, list)):
+                out.write(f"{pad}-\n")
+                _print_tree(v, out, depth + 1)
+            else:
+                out.write(f"{pad}- {v}\n")
+    else:
+        out.write(f"{pad}{data}\n")
+
+
+COMMANDS = {"topology": topology, "ls": ls, "get": get, "publish": publish, "tail": tail,
+            "status": status}
+
+
+async def run(argv: list[str], out: Any = sys.stdout, err: Any = sys.stderr) -> int:
+    """Run one command.  @return: the exit status."""
+    args = parser().parse_args(argv)
+    try:
+        await COMMANDS[args.command](args, out)
+    except (UserError, DftxError, OSError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        err.write(f"dftx {args.command}: {message}\n")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    codes: list[int] = []
+
+    async def _main(reactor: Any) -> None:
+        codes.append(await run(argv))
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(_main(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None) or not codes:
+            raise
+    sys.exit(codes[0] if codes else 1)

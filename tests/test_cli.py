@@ -1,0 +1,100 @@
+"""The dftx operator command against the real cluster (and a real dfpublisher)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest_twisted
+from twisted.internet import defer
+
+from dftx.cli import run
+from dftx.servers import DftxService, poll
+from dftx.servers import run as run_process
+
+aio = pytest_twisted.ensureDeferred
+
+
+async def dftx(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    code = await run(list(argv), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@aio
+async def test_topology_ls_get(redis_cluster, unique):
+    db = ",".join(redis_cluster.seeds[:2])
+    code, out, _ = await dftx("--db", db, "topology")
+    assert code == 0 and len(out.splitlines()) == 3 and "slots 0-" in out
+    for key, topic in (("a", None), ("b", "t1")):
+        code, _, err = await dftx("--db", db, "get", unique, key)
+        assert code == 1 and "not found" in err and "\n" == err[-1] and err.count("\n") == 1
+    from dftx.db.redis import RedisDbDriver
+
+    driver = RedisDbDriver(redis_cluster.seeds)
+    await driver.initialize()
+    await driver.create_key(unique, "a", '{"x": 1}')
+    await driver.create_key(unique, "b", "two", topic="t1")
+    await driver.close()
+    assert await dftx("--db", db, "get", unique, "a") == (0, '{"x": 1}\n', "")
+    code, out, _ = await dftx("--db", db, "ls", unique)
+    assert out.splitlines() == ['a\t-\t{"x": 1}', "b\tt1\ttwo"]
+    code, out, _ = await dftx("--db", db, "ls", unique, "--topic", "t1")
+    assert out.splitlines() == ["b\tt1\ttwo"]
+
+
+@aio
+async def test_publish_and_tail_over_redis_pub_sub(redis_cluster, unique, tmp_path):
+    config = tmp_path / "dftx.ini"
+    config.write_text(f"[df]\nremote_db_hosts = {','.join(redis_cluster.seeds)}\n"
+                      "pub_sub_driver = redis\n")
+    out = io.StringIO()
+    tail = defer.ensureDeferred(run(["--config", str(config), "tail", "--topic", unique,
+                                     "--json", "--count", "1"], out, io.StringIO()))
+    sent = []
+
+    async def publish_until_tailed():
+        n = len(sent)
+        sent.append(n)
+        code, _, err = await dftx("--config", str(config), "publish", unique, f"k{n}",
+                                  "create", '{"v": 1}', "--topic", unique)
+        assert code == 0, err
+        return tail.called
+    await poll(publish_until_tailed, 15, "tail printed a published row")
+    assert await tail == 0
+    [row] = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert (row["table"], row["action"], row["value"], row["topic"]) == (
+        unique, "create", '{"v": 1}', unique)
+    code, _, _ = await dftx("--config", str(config), "publish", unique, "k0", "set", "new",
+                            "--topic", unique)
+    assert code == 0
+    assert await dftx("--config", str(config), "get", unique, "k0", "--topic", unique) == (
+        0, "new\n", "")
+    code, _, err = await dftx("--config", str(config), "publish", unique, "k", "set")
+    assert code == 1 and "needs a VALUE" in err
+
+
+@aio
+async def test_status_of_a_running_dfpublisher_and_errors(redis_cluster, tmp_path):
+    svc = DftxService.publisher(tmp_path / "p", redis_cluster.seeds)
+    await svc.start()
+    try:
+        code, out, _ = await dftx("status", f"http://127.0.0.1:{svc.http_port}")
+        assert code == 0 and "role: neutron_server" in out and "ready: True" in out
+    finally:
+        await svc.stop()
+    code, _, err = await dftx("status", f"http://127.0.0.1:{svc.http_port}")
+    assert code == 1 and err.startswith("dftx status: ") and err.count("\n") == 1
+    code, _, err = await dftx("ls", "t")
+    assert code == 1 and "--db" in err
+
+
+@aio
+async def test_python_dash_m_dftx_exit_codes(redis_cluster):
+    out = await run_process([sys.executable, "-m", "dftx", "--db", redis_cluster.seeds[0],
+                             "topology"])
+    assert "slots" in out
+    out = await run_process([sys.executable, "-m", "dftx", "--db", "127.0.0.1:1", "get",
+                             "t", "k"], check=False)
+    assert "Traceback" not in out and "dftx get: " in out
