@@ -790,6 +790,11 @@ class OvsdbServer:
 TWISTD_MAIN = "from twisted.scripts.twistd import run; run()"
 
 
+def _df_section(seeds: Sequence[str], pub_sub_driver: str, publisher_timeout: int) -> str:
+    return (f"[df]\nnb_db_driver = redis\nremote_db_hosts = {','.join(seeds)}\n"
+            f"pub_sub_driver = {pub_sub_driver}\npublisher_timeout = {publisher_timeout}")
+
+
 class DftxService:
     """
     One dftx service, C{twistd -n dfpublisher|dfcontroller --config FILE},
@@ -818,11 +823,7 @@ class DftxService:
         directory = Path(directory)
         http_port, port = free_port(), free_port()
         svc = cls("dfpublisher", directory, f"""\
-[df]
-nb_db_driver = redis
-remote_db_hosts = {",".join(seeds)}
-pub_sub_driver = {pub_sub_driver}
-publisher_timeout = {publisher_timeout}
+{_df_section(seeds, pub_sub_driver, publisher_timeout)}
 [df_redis]
 cluster_watch_interval = {cluster_watch_interval}
 [neutron_server]
@@ -842,11 +843,7 @@ http_endpoint = tcp:{http_port}:interface=127.0.0.1
         """dfcontroller C{chassis} on free ports, monitoring C{ovsdb}."""
         http_port, port = free_port(), free_port()
         svc = cls("dfcontroller", directory, f"""\
-[df]
-nb_db_driver = redis
-remote_db_hosts = {",".join(seeds)}
-pub_sub_driver = {pub_sub_driver}
-publisher_timeout = {publisher_timeout}
+{_df_section(seeds, pub_sub_driver, publisher_timeout)}
 [df_local_controller]
 chassis_name = {chassis}
 publisher_port = {port}

@@ -76,14 +76,6 @@ class MemorySubscriber(SubscriberBase):
         self.topics.discard(topic)
         return defer.succeed(None)
 
-    def register_listen_address(self, uri: str) -> defer.Deferred[None]:
-        self.addresses.add(uri)
-        return defer.succeed(None)
-
-    def unregister_listen_address(self, uri: str) -> defer.Deferred[None]:
-        self.addresses.discard(uri)
-        return defer.succeed(None)
-
     def restart(self) -> None:
         """What a real driver does after a lost connection: C{dbrestart}."""
         self._restored()

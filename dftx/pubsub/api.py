@@ -157,6 +157,17 @@ class SubscriberBase:
         self._last_seq: dict[tuple[str, str], int] = {}
         self._bad_peers: set[str | None] = set()
 
+    def register_listen_address(self, uri: str) -> defer.Deferred[None]:
+        """For a brokered driver (Redis, in memory) there are no publisher
+        addresses to connect to: the address is only recorded.  ZeroMQ
+        overrides this."""
+        self.addresses.add(uri)
+        return defer.succeed(None)
+
+    def unregister_listen_address(self, uri: str) -> defer.Deferred[None]:
+        self.addresses.discard(uri)
+        return defer.succeed(None)
+
     def _set_callback(self, callback: Callback) -> None:
         self._callback = callback
 

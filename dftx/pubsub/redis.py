@@ -302,15 +302,6 @@ class RedisSubscriber(SubscriberBase):
             log.info("unsubscribing {channel!r}: {error}", channel=channel, error=e)
         self._prune()
 
-    def register_listen_address(self, uri: str) -> defer.Deferred[None]:
-        """Redis has no publisher addresses: the broker is the cluster."""
-        self.addresses.add(uri)
-        return defer.succeed(None)
-
-    def unregister_listen_address(self, uri: str) -> defer.Deferred[None]:
-        self.addresses.discard(uri)
-        return defer.succeed(None)
-
     def close(self) -> defer.Deferred[None]:
         self._closed = True
         if self._pinger.running:
