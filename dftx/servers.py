@@ -495,8 +495,13 @@ class RedisCluster:
     async def is_healthy(self) -> bool:
         """
         True when every running node says cluster_state:ok and sees the same
-        masters covering all slots with no failed node, every master has its
-        replicas, and every replica's link to its master is up.
+        masters covering all slots with the same replicas and no failed node,
+        every running node is a master with slots or a replica of one (a
+        restarted old master is a slotless master for a while before it turns
+        replica, and CLUSTER SLOTS lists it only then), every master has its
+        replicas, and every replica's link to its master is up.  Until then
+        CLUSTER SLOTS can still change without anything being done to the
+        cluster.
         """
         views = []
         for n in self.nodes:
@@ -504,24 +509,27 @@ class RedisCluster:
                 continue
             if (await n.info("cluster")).get("cluster_state") != "ok":
                 return False
-            view = parse_cluster_nodes(await n.cli("CLUSTER", "NODES", timeout=3))
-            if any(c.failed or not c.connected for c in view if c.address != n.address
-                   and self.node(c.address).running):
+            view = [c for c in parse_cluster_nodes(await n.cli("CLUSTER", "NODES", timeout=3))
+                    if self.node(c.address).running]
+            if any(c.failed or not c.connected for c in view if c.address != n.address):
                 return False
-            views.append(
-                sorted((c.address, tuple(c.slots)) for c in view if c.is_master and c.slots)
-            )
+            serving = {c.node_id: c.address for c in view if c.is_master and c.slots}
+            if any(c.node_id not in serving and c.master_id not in serving for c in view):
+                return False
+            views.append(sorted(
+                (c.address, tuple(c.slots), serving.get(c.master_id or "")) for c in view
+            ))
             repl = await n.info("replication")
             if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
                 return False
         if not views or any(v != views[0] for v in views):
             return False
-        covered = sum(hi - lo + 1 for _, ranges in views[0] for lo, hi in ranges)
+        covered = sum(hi - lo + 1 for _, ranges, _ in views[0] for lo, hi in ranges)
         if covered != CLUSTER_SLOTS:
             return False
         running = sum(1 for n in self.nodes if n.running)
         if running == len(self.nodes):
-            masters = len(views[0])
+            masters = sum(1 for _, ranges, _ in views[0] if ranges)
             return running == masters * (1 + self.replicas)
         return True
 
