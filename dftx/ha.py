@@ -9,7 +9,11 @@ C{ha/topology} whose value is the JSON of L{Topology.as_dict}.  When the
 set of masters changed (a failover, which may have lost writes
 acknowledged just before it) it also runs its C{on_failover} hook: the
 embedding application passes L{dftx.nb.NbApi.db_restart} so it re-writes
-its authoritative rows and every subscriber resyncs.
+its authoritative rows and every subscriber resyncs.  The hook runs too when
+a master keeps its place but restarted (its C{run_id}, from C{INFO server},
+changed): a node without persistence comes back empty and still serves its
+slots, whether it alone restarted before its replica took over or the whole
+cluster went down and came back; the topology alone cannot show it.
 
 Controllers subscribe to the HA topic and do not poll Redis for topology:
 L{topology_from_update} gives them the topology to install with
@@ -69,6 +73,16 @@ def topology_from_update(update: DbUpdate) -> Topology | None:
     return Topology.from_dict(data)
 
 
+def run_id(info: Any) -> str | None:
+    """The C{run_id} in the text of C{INFO server}, or None."""
+    text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name == "run_id":
+            return value.strip()
+    return None
+
+
 def is_failover(old: Topology | None, new: Topology) -> bool:
     """A master left or joined: writes acknowledged by the old one may be lost."""
     return old is not None and set(old.masters) != set(new.masters)
@@ -83,7 +97,8 @@ class ClusterWatcher(service.Service):
     topology found.
 
     @ivar counters: C{checks}, C{check_errors}, C{published},
-        C{publish_errors}, C{failovers}, C{hook_errors}.
+        C{publish_errors}, C{failovers}, C{restarts} (a master that kept its
+        place restarted), C{hook_errors}.
     """
 
     def __init__(
@@ -105,6 +120,7 @@ class ClusterWatcher(service.Service):
         self.published: Topology | None = None
         self._seen: Topology | None = None
         self._hook_pending = False
+        self._run_ids: dict[str, str] = {}
         self._loop: task.LoopingCall | None = None
         self._running_check: Shared | None = None
 
@@ -135,6 +151,29 @@ class ClusterWatcher(service.Service):
         defer.ensureDeferred(self._check()).addBoth(self._checked, shared)
         return waiter
 
+    async def _restarted_masters(self, topology: Topology) -> list[str]:
+        """
+        Masters of C{topology} whose run_id changed since the last check
+        (a master that does not answer keeps its last known run_id; a new
+        master is only recorded).
+        """
+        masters = list(topology.masters)
+        replies = await defer.DeferredList(
+            [defer.maybeDeferred(self.client.connection(m).execute, "INFO", "server")
+             for m in masters], consumeErrors=True)
+        restarted, known = [], self._run_ids
+        self._run_ids = {}
+        for master, (ok, reply) in zip(masters, replies):
+            current = run_id(reply) if ok else None
+            previous = known.get(master)
+            if current is None:
+                current = previous
+            elif previous is not None and current != previous:
+                restarted.append(master)
+            if current is not None:
+                self._run_ids[master] = current
+        return restarted
+
     def _checked(self, result: Any, shared: Shared) -> None:
         self._running_check = None
         if isinstance(result, Failure):
@@ -153,6 +192,12 @@ class ClusterWatcher(service.Service):
             self.counters["failovers"] += 1
             log.warn("Redis masters changed: {old} -> {new}",
                      old=self._seen.masters if self._seen else None, new=topology.masters)
+            self._hook_pending = self.on_failover is not None
+        restarted = await self._restarted_masters(topology)
+        if restarted:
+            self.counters["restarts"] += 1
+            log.warn("Redis masters restarted (their data may be gone): {masters}",
+                     masters=restarted)
             self._hook_pending = self.on_failover is not None
         self._seen = topology
         if topology != self.published:

@@ -122,3 +122,23 @@ async def test_checks_go_on_through_a_stalled_node(redis_single):
         assert w.watcher.counters["published"] == 1 and w.hook_calls == 0
     finally:
         await w.stop()
+
+
+@aio
+async def test_a_master_restarted_in_place_runs_the_hook(redis_single):
+    # Same address, same slots, no failover: only the run_id tells that a
+    # node without persistence came back empty.
+    w = await Watched().start([redis_single.address], interval=0.1)
+    try:
+        checks = w.watcher.counters["checks"]
+        await poll(lambda: w.watcher.counters["checks"] >= checks + 3, 10, "checks")
+        assert w.hook_calls == 0
+        await redis_single.restart()
+        await poll(lambda: w.hook_calls == 1, 10, "hook after the restart")
+        assert w.watcher.counters["restarts"] == 1
+        assert w.watcher.counters["failovers"] == 0
+        checks = w.watcher.counters["checks"]
+        await poll(lambda: w.watcher.counters["checks"] >= checks + 3, 10, "more checks")
+        assert w.hook_calls == 1 and w.watcher.counters["published"] == 1
+    finally:
+        await w.stop()
