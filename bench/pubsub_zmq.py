@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import Child
 
 HWM = 100_000
 WARM = "warm"
@@ -228,54 +229,6 @@ async def run_case(kind: str, subs: int, count: int, workdir: Path) -> dict:
         for child in Child.live:
             child.kill()
         Child.live.clear()
-
-
-class Child:
-    """A child process whose stdout lines are collected."""
-
-    live: list["Child"] = []
-
-    def __init__(self, argv: list[str], log: Path | None = None) -> None:
-        from twisted.internet import defer, protocol, reactor
-
-        self.lines: list[str] = []
-        self.ended: defer.Deferred[None] = defer.Deferred()
-        child = self
-        buffer = bytearray()
-        log_file = open(log, "ab") if log else None
-
-        class Proto(protocol.ProcessProtocol):
-            def outReceived(self, data: bytes) -> None:
-                if log_file:
-                    log_file.write(data)
-                buffer.extend(data)
-                while b"\n" in buffer:
-                    line, _, rest = bytes(buffer).partition(b"\n")
-                    buffer[:] = rest
-                    child.lines.append(line.decode())
-
-            def errReceived(self, data: bytes) -> None:
-                sys.stderr.write(data.decode(errors="replace"))
-
-            def processEnded(self, reason) -> None:
-                if log_file:
-                    log_file.close()
-                child.ended.callback(None)
-
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-        self.transport = reactor.spawnProcess(Proto(), argv[0], argv, env=env)
-        Child.live.append(self)
-
-    async def line(self, prefix: str, timeout: float = 30) -> str:
-        from dftx.servers import poll
-
-        def found():
-            return next((l for l in self.lines if l.startswith(prefix)), None)
-        return await poll(found, timeout, f"a line starting {prefix!r}", interval=0.01)
-
-    def kill(self) -> None:
-        if not self.ended.called:
-            self.transport.signalProcess("KILL")
 
 
 async def orchestrate(counts: int, subscriber_counts: list[int]) -> None:
