@@ -37,10 +37,12 @@ COMMON_SECTIONS = ("df", "df_redis")
 Parser = Callable[[str], Any]
 
 
-def option(default: Any, parse: Parser, help: str, type: str, required: bool = False) -> Any:
-    """A settings field: C{default} (typed), the parser of its INI text, docs."""
+def option(default: Any, parse: Parser, help: str, type: str, required: bool = False,
+           secret: bool = False) -> Any:
+    """A settings field: C{default} (typed), the parser of its INI text, docs.
+    A C{secret} one is left out of the settings' C{repr}."""
     return field(
-        default=default,
+        default=default, repr=not secret,
         metadata={"parse": parse, "help": help, "type": type, "required": required},
     )
 
@@ -101,6 +103,24 @@ def text(value: str) -> str:
 def optional_file(value: str) -> str:
     if value and not os.access(value, os.R_OK):
         raise ValueError(f"{value!r} is not a readable file")
+    return value
+
+
+def curve_secret_key_file(value: str) -> str:
+    """A CURVE key pair file (its secret key is read, never quoted)."""
+    from dftx.pubsub.curve import load_key_pair
+
+    if value:
+        load_key_pair(value)
+    return value
+
+
+def curve_public_keys(value: str) -> str:
+    """A file or directory of CURVE public keys (at least one)."""
+    from dftx.pubsub.curve import load_public_keys
+
+    if value:
+        load_public_keys(value)
     return value
 
 
@@ -173,6 +193,25 @@ class DfSettings:
         300, integer(1),
         "Seconds after which a publisher row that was not refreshed is stale "
         "and removed (rows are refreshed every third of this).", "integer, seconds")
+    zmq_curve: bool = option(
+        False, boolean,
+        "ZeroMQ CURVE on every tcp ZeroMQ socket of the service: its PUB socket "
+        "serves only allowed client keys, its subscriber authenticates each "
+        "publisher (see doc/security.md); pub_sub_driver = zmq only.", "boolean")
+    zmq_curve_secret_key_file: str = option(
+        "", curve_secret_key_file,
+        "This service's CURVE key pair (a zmq.auth / dftx curve-keygen .key_secret "
+        "file, or a file with only the z85 secret key): the server key of its PUB "
+        "socket and the client key of its subscriber; required with zmq_curve.", "path")
+    zmq_curve_allowed_keys: str = option(
+        "", curve_public_keys,
+        "Client public keys allowed to subscribe to this service's publisher: a "
+        "key file, or a directory of *.key files; required with zmq_curve.", "path")
+    zmq_curve_server_keys: str = option(
+        "", curve_public_keys,
+        "Publisher public keys this service's subscriber accepts (file or "
+        "directory); empty: the key in each publisher's row of table publisher.",
+        "path")
 
 
 @dataclass(frozen=True)
@@ -194,7 +233,7 @@ class RedisSettings:
         "", text, "Redis 6+ ACL user for AUTH (empty: the default user).", "text")
     password: str = option(
         "", text, "Password sent with AUTH on every connection (empty: no AUTH). "
-        "Never logged or shown in /v1/status.", "text")
+        "Never logged or shown in /v1/status.", "text", secret=True)
     tls: bool = option(False, boolean, "Connect to Redis over TLS.", "boolean")
     ca_file: str = option(
         "", optional_file, "CA certificates (PEM) that sign the Redis servers' "
@@ -370,6 +409,15 @@ def _check_together(config: Config) -> None:
             f"required with nb_db_driver = {df.nb_db_driver} and "
             f"pub_sub_driver = {df.pub_sub_driver}",
             "df", "remote_db_hosts")
+    if df.zmq_curve:
+        if df.pub_sub_driver != "zmq":
+            raise ConfigError(
+                config.path, f"only with pub_sub_driver = zmq (not {df.pub_sub_driver}; "
+                "Redis pub/sub is protected by [df_redis] password and tls)",
+                "df", "zmq_curve")
+        for key in ("zmq_curve_secret_key_file", "zmq_curve_allowed_keys"):
+            if not getattr(df, key):
+                raise ConfigError(config.path, "required when zmq_curve = true", "df", key)
     if r.tls and not r.ca_file:
         raise ConfigError(config.path, "required when tls = true", "df_redis", "ca_file")
     if bool(r.cert_file) != bool(r.key_file):

@@ -35,13 +35,24 @@ reactor shutdown, which waits (at most C{linger}) for that delivery.  What
 can still be lost of an acknowledged message: PUB messages for subscribers
 that are not connected or are C{hwm} behind (by design; they resync), and
 PUSH messages the relay did not take within C{linger} after close.
+
+CURVE (L{dftx.pubsub.curve}): with C{curve} settings, a PUB socket (and a
+relay's PULL socket on tcp) is a CURVE server that accepts only the client
+keys in C{curve.allowed}, checked by the process's ZAP handler; a
+subscriber is a CURVE client that needs the server key of each publisher
+it connects to (C{register_listen_address(uri, server_key=...)}).  A
+subscriber counts failed handshakes (C{counters["handshake_failures"]})
+and logs the first one per address; a publisher it cannot authenticate
+with delivers nothing, not even a C{sync}.  An ipc socket is protected by
+the permissions of its file instead: the relay makes its file mode 0660
+(owner and group may push).
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter, deque
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -52,6 +63,8 @@ from txzmq.connection import ZmqConnection
 from zope.interface import implementer
 
 from dftx.codec import decode
+from dftx.pubsub import curve as _curve
+from dftx.pubsub.curve import CurveSettings
 from dftx.errors import ProtocolError, PublishError, SubscribeError
 from dftx.pubsub.api import (
     Callback, IPubSub, IPublisher, ISubscriber, PublisherBase, SubscriberBase,
@@ -257,6 +270,8 @@ class ZmqPublisher(PublisherBase):
         hwm: int = DEFAULT_HWM,
         send_queue: int = DEFAULT_SEND_QUEUE,
         linger: float = DEFAULT_LINGER,
+        curve: CurveSettings | None = None,
+        server_key: bytes | None = None,
     ) -> None:
         if (bind is None) == (relay is None):
             raise ValueError("a ZeroMQ publisher needs exactly one of bind and relay")
@@ -268,6 +283,21 @@ class ZmqPublisher(PublisherBase):
         self._send_queue = send_queue
         self._linger = linger
         self._socket: ZmqSocket | None = None
+        self.curve = curve
+        self._server_key = server_key
+        self.curve_domain: str | None = None
+
+    @property
+    def public_key(self) -> str | None:
+        """This publisher's CURVE public key (z85), None without CURVE."""
+        return self.curve.keys.public.decode() if self.curve else None
+
+    @property
+    def curve_counters(self) -> dict[str, int]:
+        """ZAP requests for this PUB socket: C{allowed}, C{denied}."""
+        if self.curve_domain is None:
+            return {}
+        return dict(_curve.zap_handler().counters.get(self.curve_domain, {}))
 
     @property
     def queued(self) -> int:
@@ -291,12 +321,22 @@ class ZmqPublisher(PublisherBase):
                 # there, sends wait in the local queue, where close() can
                 # report them, instead of in a pipe that close() drops.
                 sock.socket.set(zmq.IMMEDIATE, 1)
+                if self.curve is not None and not self.address.startswith("ipc://"):
+                    if self._server_key is None:
+                        raise ValueError("CURVE over tcp needs the relay's server key")
+                    _curve.apply_client(sock.socket, self.curve.keys)
+                    sock.socket.set(zmq.CURVE_SERVERKEY, self._server_key)
                 sock.connect(self.address)
                 self.uri = self.address
             else:
+                if self.curve is not None:
+                    self.curve_domain = _curve.zap_handler().register(
+                        self.curve.allowed, "dftx-pub")
+                    _curve.apply_server(sock.socket, self.curve.keys, self.curve_domain)
                 self.uri = sock.bind(self.address)
-        except zmq.ZMQError as e:
+        except (zmq.ZMQError, ValueError) as e:
             sock.close(0)
+            self._forget_domain()
             verb = "connect to" if self._push else "bind"
             return defer.fail(PublishError(None, f"cannot {verb} {self.address}: {e}",
                                            self.address))
@@ -321,7 +361,14 @@ class ZmqPublisher(PublisherBase):
         """@return: Deferred firing with None once the socket is closed (see
         the module docstring for what waits and for how long)."""
         sock, self._socket = self._socket, None
-        return sock.close(self._linger) if sock else defer.succeed(None)
+        if sock is None:
+            return defer.succeed(None)
+        return sock.close(self._linger).addBoth(self._forget_domain)
+
+    def _forget_domain(self, result: object = None) -> object:
+        if self.curve_domain is not None:
+            _curve.zap_handler().unregister(self.curve_domain)
+        return result
 
 
 def _split(frames: list[bytes]) -> tuple[str, bytes]:
@@ -332,6 +379,18 @@ def _split(frames: list[bytes]) -> tuple[str, bytes]:
         return frames[0].decode("utf-8"), frames[1]
     except UnicodeDecodeError:
         raise ProtocolError(f"topic {frames[0][:40]!r} is not utf-8") from None
+
+
+_HANDSHAKE_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail (a wrong server key?)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol (CURVE on one side only?)",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused by the publisher's ZAP handler",
+}
+_WATCHED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+"""Connection events a subscriber watches: a publisher counts as connected
+once the ZMTP handshake (with CURVE, the authentication) succeeded."""
 
 
 @implementer(ISubscriber)
@@ -351,13 +410,16 @@ class ZmqSubscriber(SubscriberBase):
     delivers a C{dbrestart}: what was sent meanwhile is lost.
     """
 
-    def __init__(self, hwm: int = DEFAULT_HWM) -> None:
+    def __init__(self, hwm: int = DEFAULT_HWM, curve: CurveSettings | None = None) -> None:
         super().__init__()
         self._hwm = hwm
+        self.curve = curve
+        self._server_keys: dict[str, bytes] = {}
         self._socket: ZmqSocket | None = None
         self._monitor: ZmqSocket | None = None
         self._lost: set[str] = set()
         self._joined: set[str] = set()
+        self._failed_logged: set[str] = set()
         self._warned = False
 
     def initialize(self, callback: Callback) -> defer.Deferred[None]:
@@ -366,19 +428,27 @@ class ZmqSubscriber(SubscriberBase):
         self._set_callback(callback)
         self.topics.add(SEND_ALL_TOPIC)
         self._socket = ZmqSocket(zmq.SUB, "zmq SUB", self._hwm, on_message=self._frames)
+        if self.curve is not None:
+            _curve.apply_client(self._socket.socket, self.curve.keys)
         watch = f"inproc://dftx-sub-monitor-{id(self._socket)}"
-        self._socket.socket.monitor(watch, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._socket.socket.monitor(watch, _WATCHED)
         self._monitor = ZmqSocket(zmq.PAIR, "zmq SUB monitor", on_message=self._event)
         self._monitor.connect(watch)
         for topic in self.topics:
             self._socket.socket.subscribe(topic.encode("utf-8"))
         for uri in list(self.addresses):
             try:
-                self._socket.connect(uri)
+                self._connect(uri)
             except zmq.ZMQError as e:
                 self.addresses.discard(uri)
                 return defer.fail(SubscribeError(uri, str(e)))
         return defer.succeed(None)
+
+    def _connect(self, uri: str) -> None:
+        if self.curve is not None:
+            # Taken at connect time: each publisher has its own.
+            self._socket.socket.set(zmq.CURVE_SERVERKEY, self._server_keys[uri])  # type: ignore[union-attr]
+        self._socket.connect(uri)  # type: ignore[union-attr]
 
     def _frames(self, frames: list[bytes]) -> None:
         try:
@@ -396,9 +466,21 @@ class ZmqSubscriber(SubscriberBase):
         """A connection event of the SUB socket."""
         event = parse_monitor_message(frames)
         endpoint = event["endpoint"].decode("utf-8", "replace")
+        if event["event"] in _HANDSHAKE_FAILED:
+            # A TCP connection that never carried a message (no key, a key
+            # the publisher does not allow, the wrong server key, or a
+            # peer that does not speak ZMTP): no join, no loss.
+            self.counters["handshake_failures"] += 1
+            if endpoint not in self._failed_logged:
+                self._failed_logged.add(endpoint)
+                self.log.warn("handshake with publisher {uri} failed ({why}): nothing is "
+                              "received from it", uri=endpoint,
+                              why=_HANDSHAKE_FAILED[event["event"]])
+            return
         if event["event"] == zmq.EVENT_DISCONNECTED:
-            self._lost.add(endpoint)
-            self.log.info("disconnected from publisher {uri}", uri=endpoint)
+            if endpoint in self._joined:
+                self._lost.add(endpoint)
+                self.log.info("disconnected from publisher {uri}", uri=endpoint)
         elif endpoint in self._lost:
             self._lost.discard(endpoint)
             self.log.info("reconnected to publisher {uri}: resync", uri=endpoint)
@@ -424,28 +506,53 @@ class ZmqSubscriber(SubscriberBase):
                 self._socket.socket.unsubscribe(topic.encode("utf-8"))
         return defer.succeed(None)
 
-    def register_listen_address(self, uri: str) -> defer.Deferred[None]:
+    def register_listen_address(self, uri: str, server_key: str | bytes | None = None
+                                ) -> defer.Deferred[None]:
         """
         Connect to the publisher at C{uri} (ZeroMQ connects in the
-        background and reconnects by itself).  @return: Deferred firing
-        with None; errbacks with L{SubscribeError} for an address ZeroMQ
-        cannot use.
+        background and reconnects by itself).  With CURVE, C{server_key}
+        is the publisher's public key (z85); it must be one of
+        C{curve.servers} when that is set (with exactly one there, it may
+        be left out).
+
+        @return: Deferred firing with None; errbacks with L{SubscribeError}
+            for an address ZeroMQ cannot use, or with CURVE a missing,
+            malformed or untrusted server key.
         """
         if uri in self.addresses:
             return defer.succeed(None)
+        if self.curve is not None:
+            try:
+                self._server_keys[uri] = self._trusted(server_key)
+            except ValueError as e:
+                return defer.fail(SubscribeError(uri, str(e)))
         if self._socket is not None:
             try:
-                self._socket.connect(uri)
+                self._connect(uri)
             except zmq.ZMQError as e:
+                self._server_keys.pop(uri, None)
                 return defer.fail(SubscribeError(uri, str(e)))
         self.addresses.add(uri)
         return defer.succeed(None)
 
+    def _trusted(self, server_key: str | bytes | None) -> bytes:
+        servers = self.curve.servers  # type: ignore[union-attr]
+        if server_key is None:
+            if servers is not None and len(servers) == 1:
+                return next(iter(servers))
+            raise ValueError("CURVE is on and the publisher's server key is unknown")
+        key = _curve._key(server_key, "the publisher's server key")
+        if servers is not None and key not in servers:
+            raise ValueError(f"server key {key.decode()} is not in zmq_curve_server_keys")
+        return key
+
     def unregister_listen_address(self, uri: str) -> defer.Deferred[None]:
         if uri in self.addresses:
             self.addresses.discard(uri)
+            self._server_keys.pop(uri, None)
             self._lost.discard(uri)
             self._joined.discard(uri)
+            self._failed_logged.discard(uri)
             if self._socket is not None:
                 try:
                     self._socket.disconnect(uri)
@@ -473,9 +580,12 @@ class ZmqRelay:
 
     log = Logger()
 
-    def __init__(self, address: str, publisher: ZmqPublisher, hwm: int = DEFAULT_HWM) -> None:
+    def __init__(self, address: str, publisher: ZmqPublisher, hwm: int = DEFAULT_HWM,
+                 curve: CurveSettings | None = None) -> None:
         self.address = address
         self.publisher = publisher
+        self.curve = curve
+        self.curve_domain: str | None = None
         self.counters: Counter[str] = Counter()
         self._hwm = hwm
         self._socket: ZmqSocket | None = None
@@ -485,12 +595,26 @@ class ZmqRelay:
         """Bind the PULL socket; @raise PublishError: when it cannot."""
         sock = ZmqSocket(zmq.PULL, f"zmq PULL {self.address}", self._hwm,
                          on_message=self._frames)
+        ipc = self.address.startswith("ipc://")
         try:
+            if self.curve is not None and not ipc:
+                self.curve_domain = _curve.zap_handler().register(self.curve.allowed,
+                                                                  "dftx-relay")
+                _curve.apply_server(sock.socket, self.curve.keys, self.curve_domain)
             sock.bind(self.address)
-        except zmq.ZMQError as e:
+            if ipc:
+                # Who may push: the owner and the group of the file.
+                os.chmod(self.address[len("ipc://"):], 0o660)
+        except (zmq.ZMQError, OSError) as e:
             sock.close(0)
+            self._forget_domain()
             raise PublishError(None, f"cannot bind {self.address}: {e}", self.address) from None
         self._socket = sock
+
+    def _forget_domain(self) -> None:
+        if self.curve_domain is not None:
+            _curve.zap_handler().unregister(self.curve_domain)
+            self.curve_domain = None
 
     def _frames(self, frames: list[bytes]) -> None:
         try:
@@ -514,6 +638,7 @@ class ZmqRelay:
         sock, self._socket = self._socket, None
         if sock is not None:
             sock.close(0)
+        self._forget_domain()
         if self.address.startswith("ipc://"):
             try:
                 os.unlink(self.address[len("ipc://"):])
@@ -534,6 +659,10 @@ class ZmqPubSub:
     @param hwm: ZeroMQ high-water mark of each socket, in messages.
     @param send_queue: messages a PUSH publisher holds while ZeroMQ refuses.
     @param linger: seconds closing waits for queued messages.
+    @param curve: L{CurveSettings}: PUB sockets are CURVE servers,
+        subscribers CURVE clients (see the module docstring).
+    @param relay_server_key: with C{curve} and a tcp C{relay}, the relay's
+        public key (an ipc relay needs none).
 
     An instance made with neither serves subscribers only.
     """
@@ -545,6 +674,8 @@ class ZmqPubSub:
         hwm: int = DEFAULT_HWM,
         send_queue: int = DEFAULT_SEND_QUEUE,
         linger: float = DEFAULT_LINGER,
+        curve: CurveSettings | None = None,
+        relay_server_key: bytes | None = None,
     ) -> None:
         if bind is not None and relay is not None:
             raise ValueError("give bind or relay, not both")
@@ -553,14 +684,22 @@ class ZmqPubSub:
         self.hwm = hwm
         self.send_queue = send_queue
         self.linger = linger
+        self.curve = curve
+        self.relay_server_key = relay_server_key
+
+    @classmethod
+    def from_config(cls, config: Any, bind: str | None = None,
+                    relay: str | None = None) -> ZmqPubSub:
+        """With the CURVE settings of [df] (L{CurveSettings.from_config})."""
+        return cls(bind=bind, relay=relay, curve=CurveSettings.from_config(config))
 
     def get_publisher(self, publisher_id: str | None = None) -> ZmqPublisher:
         """@raise ValueError: on an instance made without bind or relay."""
         if self.bind is None and self.relay is None:
             raise ValueError("this ZmqPubSub was made without bind or relay: no publisher")
         return ZmqPublisher(self.bind, self.relay, publisher_id, self.hwm,
-                            self.send_queue, self.linger)
+                            self.send_queue, self.linger, self.curve, self.relay_server_key)
 
     def get_subscriber(self) -> ZmqSubscriber:
-        return ZmqSubscriber(self.hwm)
+        return ZmqSubscriber(self.hwm, self.curve)
 
