@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from dftx.servers import DftxService, OvsdbServer, RedisCluster, poll
 
@@ -20,11 +20,13 @@ class Deployment:
     @param controllers: how many dfcontrollers (chassis C{compute1}, ...).
     @param pub_sub_driver: C{zmq} (through dfpublisher), C{redis} or
         C{redis_sharded}.
+    @param topics: tenant topics every controller subscribes to beyond C{"D"}.
     """
 
     def __init__(self, base_dir: Path, cluster: RedisCluster, controllers: int = 2,
                  pub_sub_driver: str = "zmq", publisher_timeout: int = 6,
-                 db_sync_time: float = 5, tables: str = "lport,lswitch,chassis") -> None:
+                 db_sync_time: float = 5, tables: str = "lport,lswitch,chassis",
+                 topics: Sequence[str] = ()) -> None:
         self.dir = Path(base_dir)
         self.cluster = cluster
         self.pub_sub_driver = pub_sub_driver
@@ -35,7 +37,8 @@ class Deployment:
         self.controllers = [
             DftxService.controller(
                 self.dir / f"compute{i + 1}", seeds, f"compute{i + 1}", ovsdb.tcp,
-                pub_sub_driver, publisher_timeout, tables, db_sync_time)
+                pub_sub_driver, publisher_timeout, tables, db_sync_time,
+                extra=f"topics = {','.join(topics)}")
             for i, ovsdb in enumerate(self.ovsdbs)
         ]
         self.db: Any = None

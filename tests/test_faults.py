@@ -1,0 +1,387 @@
+"""
+Faults under load, each checked by one invariant (doc/reliability.md).
+
+A whole deployment of real processes (dftx.sandbox: the harness's Redis
+Cluster with replicas, dfpublisher, two dfcontrollers each with its own
+ovsdb-server) carries a steady load of NB writes from this process: creates
+of new rows spread over tenant topics whose slots sit on every master,
+written through NbApi by an application that keeps the rows it wrote as its
+authoritative state and re-writes them from its db_restart hook, which its
+own ClusterWatcher runs after a failover (the library use of dftx.ha).
+
+The controllers' periodic safety resync is set far beyond the tests
+(db_sync_time 600 s), so what repairs their caches is what a fault itself
+triggers: a dbrestart, an HA topology, a seq gap, a reconnection.
+
+After the fault ends, within RECOVERY seconds: every controller's cache
+equals the NB DB, every acknowledged write is in the DB, and the counters
+show the resyncs that happened.  Each test prints its measured recovery
+(run with -s to see it); doc/reliability.md has the table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from dftx.errors import DftxError
+from dftx.ha import ClusterWatcher
+from dftx.nb import NbApi
+from dftx.redis.slots import key_slot
+from dftx.sandbox import Deployment
+from dftx.servers import poll
+
+aio = pytest_twisted.ensureDeferred
+
+TABLE = "lport"
+RECOVERY = 30.0  # seconds from the end of a fault to the invariant holding
+RATE = 100  # writes per second, all lanes together
+LANES = 4
+
+
+class Load:
+    """
+    Steady NB writes: LANES concurrent writers, each creating a new row,
+    RATE writes a second in all, at most C{limit} writes.  C{acked} holds
+    what each acknowledged write wrote; C{failed} the keys of the writes
+    that errbacked (their rows may or may not exist).
+    """
+
+    def __init__(self, nb: NbApi, topics: list[str], limit: int = 20_000) -> None:
+        self.nb = nb
+        self.topics = topics
+        self.limit = limit
+        self.acked: dict[str, tuple[str, str]] = {}  # key -> (topic, value)
+        self.failed: set[str] = set()
+        self.rewrites = 0
+        self.outage = 0.0  # the longest time between two acknowledged writes
+        self._last_ack: float | None = None
+        self._n = 0
+        self._stopping = False
+        self._lanes: list[defer.Deferred[None]] = []
+
+    def start(self) -> None:
+        self._lanes = [defer.ensureDeferred(self._lane()) for _ in range(LANES)]
+
+    async def _lane(self) -> None:
+        while not self._stopping and self._n < self.limit:
+            n, self._n = self._n, self._n + 1
+            key, topic = f"row{n}", self.topics[n % len(self.topics)]
+            value = json.dumps({"id": key, "n": n})
+            try:
+                await self.nb.create(TABLE, key, value, topic)
+            except DftxError:
+                self.failed.add(key)
+            else:
+                self.acked[key] = (topic, value)
+                now = time.monotonic()
+                if self._last_ack is not None:
+                    self.outage = max(self.outage, now - self._last_ack)
+                self._last_ack = now
+            await task.deferLater(reactor, LANES / RATE, lambda: None)
+
+    async def acked_more(self, n: int, timeout: float = 60.0) -> None:
+        """Wait until C{n} more writes were acknowledged (writes resumed)."""
+        target = len(self.acked) + n
+        await poll(lambda: len(self.acked) >= target, timeout, f"{n} more acknowledged writes")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await defer.gatherResults(self._lanes)
+
+    async def rewrite(self) -> None:
+        """The db_restart hook: write every acknowledged row again."""
+        self.rewrites += 1
+        await defer.gatherResults([
+            self.nb.db.create_key(TABLE, key, value, topic)
+            for key, (topic, value) in list(self.acked.items())])
+
+
+class Faulted:
+    """A deployment under load, and the checks after a fault."""
+
+    def __init__(self, d: Deployment, topics: list[str]) -> None:
+        self.d = d
+        self.topics = topics
+        self.load = Load(d.nb, topics)
+        d.nb.on_db_restart = self.load.rewrite
+        self.watcher = ClusterWatcher(d.db.client, d._writer, 0.5, on_failover=d.nb.db_restart)
+        self.resyncs_before: list[int] = []
+
+    async def start(self) -> "Faulted":
+        self.watcher.startService()
+        self.resyncs_before = [await resyncs(c) for c in self.d.controllers]
+        self.load.start()
+        await self.load.acked_more(100)
+        return self
+
+    async def recovered(self, fault: str, min_resyncs: int = 1) -> float:
+        """
+        Let writes go on after the fault (100 more acknowledged: about a
+        second), stop them, then wait for the invariant.
+
+        @return: seconds from the fault's end to the invariant.
+        """
+        t0 = time.monotonic()
+        await self.load.acked_more(100)
+        await self.load.stop()
+        t1 = time.monotonic()
+        await poll(self.invariant_holds, RECOVERY, f"invariant after {fault}")
+        took = time.monotonic() - t0
+        for controller, before in zip(self.d.controllers, self.resyncs_before):
+            assert await resyncs(controller) >= before + min_resyncs, controller.dir
+        print(f"\n{fault}: {len(self.load.acked)} writes acknowledged, "
+              f"{len(self.load.failed)} refused, longest write outage "
+              f"{self.load.outage:.2f}s, {self.load.rewrites} re-writes by the hook; "
+              f"invariant {took:.2f}s after the fault ended "
+              f"({time.monotonic() - t1:.2f}s after the writes stopped)")
+        return took
+
+    async def invariant_holds(self) -> bool:
+        db = await self.d.db_table(TABLE)
+        lost = [k for k, (_, v) in self.load.acked.items() if db.get(k) != json.loads(v)]
+        return not lost and await self.d.converged(TABLE)
+
+    async def stop(self) -> None:
+        await self.load.stop()
+        await self.watcher.stopService()
+
+
+async def resyncs(controller: Any) -> int:
+    return (await controller.json("/v1/status"))["counters"]["resyncs"]
+
+
+@pytest_twisted.async_yield_fixture
+async def faulted(request, tmp_path, redis_cluster):
+    """A deployment under load; ZeroMQ through dfpublisher unless the test
+    parametrizes it (indirect) with another pub_sub_driver."""
+    cluster = redis_cluster
+    topics = await tenant_topics(cluster)
+    d = Deployment(tmp_path, cluster, controllers=2, db_sync_time=600, topics=topics,
+                   pub_sub_driver=getattr(request, "param", "zmq"))
+    f = None
+    try:
+        await d.start()
+        f = await Faulted(d, topics).start()
+        yield f
+    finally:
+        if f is not None:
+            await f.stop()
+        await d.stop()
+
+
+async def tenant_topics(cluster: Any, per_master: int = 2) -> list[str]:
+    """Tenant topics whose rows' slot ({lport.topic}) is on each master,
+    C{per_master} of them for every master."""
+    owners: dict[int, Any] = {}
+    topics, count, i = [], {m.address: 0 for m in await cluster.masters()}, 0
+    while any(n < per_master for n in count.values()):
+        topic = f"tenant{i}"
+        slot = key_slot("{%s.%s}" % (TABLE, topic))
+        if slot not in owners:
+            owners[slot] = await cluster.owner(slot)
+        address = owners[slot].address
+        if count[address] < per_master:
+            count[address] += 1
+            topics.append(topic)
+        i += 1
+    return topics
+
+
+@aio
+async def test_kill_9_of_a_master(faulted):
+    f = faulted
+    master = (await f.d.cluster.masters())[0]
+    [replica] = await f.d.cluster.replicas_of(master)
+    await master.kill()
+    await f.d.cluster.wait_promoted(replica, 30)
+    await f.recovered("kill -9 of a master")
+
+
+@aio
+async def test_sigstop_of_a_master_beyond_the_node_timeout(faulted):
+    f = faulted
+    cluster = f.d.cluster
+    master = (await cluster.masters())[1]
+    [replica] = await cluster.replicas_of(master)
+    master.pause()
+    try:
+        await cluster.wait_promoted(replica, 30)
+    finally:
+        master.resume()
+    await cluster.wait_healthy(60)  # the old master is a replica now
+    assert master not in await cluster.masters()
+    await f.recovered("SIGSTOP of a master, SIGCONT after its replica took over")
+
+
+@aio
+async def test_cluster_failover(faulted):
+    f = faulted
+    master = (await f.d.cluster.masters())[2]
+    [replica] = await f.d.cluster.replicas_of(master)
+    await f.d.cluster.failover(replica)
+    await f.recovered("CLUSTER FAILOVER")
+
+
+@aio
+async def test_slot_migration(faulted):
+    f = faulted
+    cluster = f.d.cluster
+    slot = key_slot("{%s.%s}" % (TABLE, f.topics[0]))
+    src = await cluster.owner(slot)
+    dst = next(m for m in await cluster.masters() if m is not src)
+    await cluster.migrate_slot(slot, dst)
+    assert await cluster.owner(slot) is dst
+    await f.recovered("slot migration")
+
+
+@aio
+async def test_every_redis_node_down_for_10_s(faulted):
+    f = faulted
+    cluster = f.d.cluster
+    for node in cluster.nodes:
+        await node.kill()
+    await task.deferLater(reactor, 10.0, lambda: None)  # the fault's length, not a wait
+    for node in cluster.nodes:
+        node.process.start()
+    await cluster.wait_healthy(60)
+    # The nodes kept their places (nodes.conf) but not their data: the
+    # application's hook re-wrote its rows.
+    await f.recovered("every Redis node down for 10 s")
+    assert f.load.rewrites >= 1 and f.watcher.counters["restarts"] >= 1
+
+
+@aio
+async def test_dfpublisher_kill_9_and_restart(faulted):
+    f = faulted
+    await f.d.publisher.kill()
+    await f.d.publisher.start()
+    await f.recovered("dfpublisher kill -9 and restart")
+
+
+@aio
+async def test_controller_kill_9_and_restart(faulted):
+    f = faulted
+    controller = f.d.controllers[0]
+    await controller.kill()
+    await f.load.acked_more(100)  # writes it misses
+    await controller.start()
+    f.resyncs_before[0] = 0  # a new process: its initial load is a resync
+    await f.recovered("dfcontroller kill -9 and restart")
+
+
+@aio
+async def test_ovsdb_server_killed_and_restarted_while_ports_change(faulted):
+    f = faulted
+    d = f.d
+    ovsdb, controller = d.ovsdbs[0], d.controllers[0]
+
+    async def add(i):
+        await ovsdb.vsctl("add-port", "br-int", f"tap{i}", "--", "set", "Interface",
+                          f"tap{i}", f"external_ids:iface-id=vm{i}",
+                          f"external_ids:attached-mac=fa:16:3e:00:00:{i:02x}")
+
+    for i in range(4):
+        await add(i)
+    await poll(lambda: _ports_are(controller, {"tap0", "tap1", "tap2", "tap3"}), 15, "ports up")
+    await ovsdb.kill()
+    await ovsdb.start()  # same database file: the ports it had are there
+    await ovsdb.vsctl("del-port", "br-int", "tap0")
+    await add(4)
+    await ovsdb.kill()
+    await ovsdb.start()
+    await ovsdb.vsctl("del-port", "br-int", "tap1")
+    await add(5)
+    want = {"tap2", "tap3", "tap4", "tap5"}
+    await poll(lambda: _ports_are(controller, want), 15, "the ports after the restarts")
+    await poll(lambda: _port_status_is(d, {"vm2": "up", "vm3": "up", "vm4": "up",
+                                           "vm5": "up", "vm0": "down", "vm1": "down"}),
+               15, "port_status after the restarts")
+    await f.recovered("ovsdb-server killed and restarted twice while ports change",
+                      min_resyncs=0)
+
+
+async def _ports_are(controller, names):
+    return {p["name"] for p in await controller.json("/v1/ports")} == {"br-int", *names}
+
+
+async def _port_status_is(d, want):
+    rows = await d.db_table("port_status")
+    return {k: rows.get(k, {}).get("status") for k in want} == want
+
+
+def rss_mb(service: Any) -> float:
+    """The resident memory of a service's process, in MiB."""
+    for line in open(f"/proc/{service.process.pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+BURST = 100_000
+RSS_GROWTH = 200  # MiB a stopped subscriber may grow by (ZeroMQ queues up to its hwm)
+
+
+PUBSUB_LIMIT = "pubsub 32mb 8mb 60"  # Redis's default client-output-buffer-limit
+TIGHT_PUBSUB_LIMIT = "pubsub 1mb 256kb 1"
+
+
+@pytest.mark.parametrize("faulted", ["zmq", "redis"], indirect=True)
+@aio
+async def test_slow_subscriber_and_a_burst_of_100000_updates(faulted):
+    """
+    ZeroMQ: the high-water marks bound what waits for the stopped
+    subscriber.  Redis: with a tight pub/sub output buffer limit the server
+    drops the stopped subscriber's connection (what Redis does to a
+    subscriber that falls behind): it reconnects and resyncs.
+    """
+    f = faulted
+    d = f.d
+    redis = d.pub_sub_driver == "redis"
+    if redis:
+        for node in d.cluster.nodes:
+            await node.cli("CONFIG", "SET", "client-output-buffer-limit", TIGHT_PUBSUB_LIMIT)
+    try:
+        await _burst(f)
+    finally:
+        if redis:
+            for node in d.cluster.nodes:
+                await node.cli("CONFIG", "SET", "client-output-buffer-limit", PUBSUB_LIMIT)
+
+
+async def _burst(f: Faulted) -> None:
+    d = f.d
+    slow = d.controllers[0]
+    before = (await slow.json("/v1/status"))["counters"]
+    rss_before = rss_mb(slow)
+    slow.process.signal("STOP")  # its reactor does nothing for 2 s
+    resume = task.deferLater(reactor, 2.0, slow.process.signal, "CONT")
+    t0 = time.monotonic()
+    for start in range(0, BURST, 2000):
+        await defer.gatherResults([
+            d.nb.create("lswitch", f"s{i % 1000}",
+                        json.dumps({"id": f"s{i % 1000}", "v": i, "pad": "x" * 400}))
+            for i in range(start, start + 2000)])
+    burst = time.monotonic() - t0
+    await resume
+    await poll(lambda: d.converged("lswitch"), RECOVERY, "lswitch after the burst")
+    after = (await slow.json("/v1/status"))["counters"]
+    rss_after = rss_mb(slow)
+    print(f"\n{d.pub_sub_driver}: burst of {BURST} updates in {burst:.1f}s with a "
+          f"subscriber stopped for 2 s: {after.get('subscriber_restarts', 0) - before.get('subscriber_restarts', 0)} reconnections, "
+          f"{after.get('subscriber_gaps', 0) - before.get('subscriber_gaps', 0)} seq gaps, "
+          f"{after['resyncs'] - before['resyncs']} resyncs, RSS {rss_before:.0f} -> "
+          f"{rss_after:.0f} MiB")
+    dropped = any(after.get(f"subscriber_{c}", 0) > before.get(f"subscriber_{c}", 0)
+                  for c in ("gaps", "restarts"))
+    if dropped:
+        assert after["resyncs"] > before["resyncs"]
+    if d.pub_sub_driver == "redis":
+        assert dropped  # the server cut the stopped subscriber off
+    assert rss_after - rss_before < RSS_GROWTH
+    await f.recovered("slow subscriber and a burst", min_resyncs=0)
