@@ -20,6 +20,12 @@ controller resyncs.  It subscribes to the local controllers' publishers
 table C{port_status}, served at C{/v1/tables/port_status}; an embedding
 application can observe it (C{service.port_status.add_observer}).
 
+With C{[df] zmq_curve} the PUB socket is a CURVE server that serves only
+the client keys of C{zmq_curve_allowed_keys}, the registration row carries
+its public key, and the subscriber authenticates the controllers'
+publishers (see doc/security.md).  The ipc relay is protected by its file's
+permissions (0660), not by CURVE.
+
 With C{pub_sub_driver = redis} or C{redis_sharded} there is nothing to
 bind or relay: the watcher publishes and the mirror subscribes through
 Redis.
@@ -44,7 +50,7 @@ from dftx.ha import ClusterWatcher
 from dftx.http import Metric
 from dftx.nb import NbApi, db_from_config
 from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
-from dftx.pubsub.zmq import ZmqPublisher, ZmqRelay
+from dftx.pubsub.zmq import ZmqPubSub, ZmqPublisher, ZmqRelay
 from dftx.update import DbUpdate
 
 log = Logger()
@@ -64,6 +70,26 @@ def advertised_uri(bind_address: str, port: int, management_ip: str) -> str:
     """
     host = management_ip if bind_address in ("0.0.0.0", "::") else bind_address
     return zmq_address(host, port)
+
+
+def pubsub_from_config(cfg: dfconfig.Config, bind: str | None = None) -> Any:
+    """L{pubsub.from_config}, with the CURVE settings of [df] for ZeroMQ."""
+    if cfg.df.pub_sub_driver == "zmq":
+        return ZmqPubSub.from_config(cfg, bind=bind)
+    return pubsub.from_config(cfg, bind=bind)
+
+
+def curve_status(publisher: Any) -> dict[str, Any] | None:
+    """What /v1/status says about CURVE (public data only); None without it."""
+    settings = getattr(publisher, "curve", None)
+    if settings is None:
+        return None
+    return {
+        "public_key": publisher.public_key,
+        "allowed_client_keys": len(settings.allowed),
+        "trusted_server_keys": None if settings.servers is None else len(settings.servers),
+        "clients": publisher.curve_counters,
+    }
 
 
 class PublisherService(runner.RoleService):
@@ -99,7 +125,7 @@ class PublisherService(runner.RoleService):
         await self.db.initialize()
         self.missing = "publisher not bound"
         bind = zmq_address(ns.publisher_bind_address, ns.publisher_port)
-        self.publisher = pubsub.from_config(cfg, bind=bind).get_publisher()
+        self.publisher = pubsub_from_config(cfg, bind=bind).get_publisher()
         await self.publisher.initialize()
         if isinstance(self.publisher, ZmqPublisher) and ns.pub_sub_use_multiproc:
             path = ns.publisher_multiproc_socket
@@ -110,11 +136,12 @@ class PublisherService(runner.RoleService):
         uri = advertised_uri(ns.publisher_bind_address, ns.publisher_port, cfg.df.management_ip)
         self.registration = Registration(
             self.db, self.publisher.id, uri, dfconfig.NEUTRON_SERVER,
-            cfg.df.publisher_timeout, publisher=self.publisher, clean_stale=True)
+            cfg.df.publisher_timeout, publisher=self.publisher, clean_stale=True,
+            curve_public_key=getattr(self.publisher, "public_key", None))
         self.registration.startService()
         await self.registration.started
         self.missing = "not subscribed"
-        self.subscriber = pubsub.from_config(cfg).get_subscriber()
+        self.subscriber = pubsub_from_config(cfg).get_subscriber()
         await self.subscriber.register_topic("D")
         await self.subscriber.initialize(self._received)
         if pubsub.needs_discovery(cfg):
@@ -173,6 +200,7 @@ class PublisherService(runner.RoleService):
                 "bound": getattr(self.publisher, "uri", None),
             },
             "relay": None if self.relay is None else self.relay.address,
+            "curve": curve_status(self.publisher),
             "cluster": topology.as_dict() if topology is not None else None,
             "subscriptions": {
                 "topics": sorted(sub.topics) if sub else [],

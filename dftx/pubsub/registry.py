@@ -20,6 +20,13 @@ C{dbrestart} or C{sync}.  A new publisher cannot announce itself to
 subscribers that are not yet connected to it, so it is found by the
 periodic read, within C{interval} seconds.
 
+With ZeroMQ CURVE, a row also has C{curve_public_key}, the publisher's
+public key (z85; public keys are not secret): L{Discovery} passes it to
+C{register_listen_address(uri, server_key=...)}, and reconnects when a
+publisher at the same uri comes back with another key.  Trusting the row
+means trusting whoever can write the NB database, who could inject
+updates anyway; C{[df] zmq_curve_server_keys} narrows it to known keys.
+
 Staleness compares the writer's wall clock with the reader's: hosts need
 clocks that agree to well within C{timeout}.
 """
@@ -61,18 +68,24 @@ class PublisherRow:
     uri: str
     role: str
     last_activity_timestamp: float
+    curve_public_key: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if data["curve_public_key"] is None:
+            del data["curve_public_key"]  # rows without CURVE are as before
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> PublisherRow:
         """@raise ProtocolError: for anything but such a row."""
         try:
             data = json.loads(text)
+            key = data.get("curve_public_key")
             row = cls(str(data["id"]), str(data["uri"]), str(data["role"]),
-                      float(data["last_activity_timestamp"]))
-        except (ValueError, TypeError, KeyError) as e:
+                      float(data["last_activity_timestamp"]),
+                      None if key is None else str(key))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ProtocolError(f"bad {PUBLISHER_TABLE} row {text[:80]!r}: {e!r}") from None
         return row
 
@@ -131,6 +144,7 @@ class Registration(service.Service):
         publisher: Any = None,
         clean_stale: bool = False,
         clock: IReactorTime | None = None,
+        curve_public_key: str | None = None,
     ) -> None:
         other_role(role)  # validates
         if clock is None:
@@ -143,13 +157,15 @@ class Registration(service.Service):
         self.publisher = publisher
         self.clean_stale = clean_stale
         self.clock = clock
+        self.curve_public_key = curve_public_key
         self.refreshes = 0
         self.removed: list[str] = []
         self.started: defer.Deferred[None] = defer.Deferred()
         self._loop: task.LoopingCall | None = None
 
     def row(self) -> PublisherRow:
-        return PublisherRow(self.id, self.uri, self.role, self.clock.seconds())
+        return PublisherRow(self.id, self.uri, self.role, self.clock.seconds(),
+                            self.curve_public_key)
 
     def startService(self) -> None:
         super().startService()
@@ -240,6 +256,8 @@ class Discovery(service.Service):
         self.clock = clock
         self.rows: dict[str, PublisherRow] = {}
         self.connected: set[str] = set()
+        self.keys: dict[str, str | None] = {}
+        """The CURVE server key each connected uri was registered with."""
         self.ready: defer.Deferred[None] = defer.Deferred()
         self._loop: task.LoopingCall | None = None
         self._waiters: list[defer.Deferred[None]] = []
@@ -256,7 +274,7 @@ class Discovery(service.Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        return defer.ensureDeferred(self._sync(set()))
+        return defer.ensureDeferred(self._sync({}))
 
     def refresh(self) -> defer.Deferred[None]:
         """
@@ -286,23 +304,39 @@ class Discovery(service.Service):
         self.rows = {r.id: r for r in rows if r.role == self.follows}
         await self._sync(self._live())
 
-    def _live(self) -> set[str]:
+    def _live(self) -> dict[str, str | None]:
+        """uri -> CURVE key of the live rows (the newest row of a uri wins)."""
         now = self.clock.seconds()
-        return {r.uri for r in self.rows.values() if not r.stale(now, self.timeout)}
+        live = sorted((r for r in self.rows.values() if not r.stale(now, self.timeout)),
+                      key=lambda r: r.last_activity_timestamp)
+        return {r.uri: r.curve_public_key for r in live}
 
-    async def _sync(self, wanted: set[str]) -> None:
-        for uri in sorted(wanted - self.connected):
+    async def _sync(self, wanted: dict[str, str | None]) -> None:
+        for uri in sorted(self.connected):
+            if uri in wanted and wanted[uri] != self.keys.get(uri):
+                # Same address, another key: a restarted publisher.
+                await self._disconnect(uri)
+        for uri in sorted(set(wanted) - self.connected):
+            key = wanted[uri]
             try:
-                await self.subscriber.register_listen_address(uri)
+                if key is None:
+                    await self.subscriber.register_listen_address(uri)
+                else:
+                    await self.subscriber.register_listen_address(uri, server_key=key)
             except DftxError as e:
                 log.warn("cannot connect to publisher {uri}: {error}", uri=uri, error=e)
                 continue
             self.connected.add(uri)
+            self.keys[uri] = key
             log.info("connected to publisher {uri}", uri=uri)
-        for uri in sorted(self.connected - wanted):
-            await self.subscriber.unregister_listen_address(uri)
-            self.connected.discard(uri)
-            log.info("disconnected from publisher {uri}", uri=uri)
+        for uri in sorted(self.connected - set(wanted)):
+            await self._disconnect(uri)
+
+    async def _disconnect(self, uri: str) -> None:
+        await self.subscriber.unregister_listen_address(uri)
+        self.connected.discard(uri)
+        self.keys.pop(uri, None)
+        log.info("disconnected from publisher {uri}", uri=uri)
 
     def observe(self, update: DbUpdate) -> defer.Deferred[None]:
         """
