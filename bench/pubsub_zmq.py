@@ -1,7 +1,7 @@
 """
 Throughput of the ZeroMQ path, dftx against raw pyzmq, in one run.
 
-    .venv/bin/python bench/pubsub_zmq.py [--count 50000] [--subscribers 1,20]
+    .venv/bin/python bench/pubsub_zmq.py [--count 50000] [--subscribers 1,20] [--markdown FILE]
 
 Both sides have the same shape: a writer process PUSHes N updates over ipc
 to a relay process that re-publishes them on a PUB socket, and one
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Child
+from _common import Child, table, write_markdown
 
 HWM = 100_000
 WARM = "warm"
@@ -231,12 +231,13 @@ async def run_case(kind: str, subs: int, count: int, workdir: Path) -> dict:
         Child.live.clear()
 
 
-async def orchestrate(counts: int, subscriber_counts: list[int]) -> None:
+async def orchestrate(counts: int, subscriber_counts: list[int], markdown: str | None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="dftx-bench-zmq-"))
     print(f"{counts} updates per run; writer -> relay (ipc) -> PUB -> S SUB sockets "
           "in one process\n")
     print(f"{'subscribers':>11} | {'dftx msgs/s':>12} | {'pyzmq msgs/s':>12} | "
           f"{'dftx/pyzmq':>10} | {'dftx deliveries/s':>17} | {'pyzmq deliveries/s':>18}")
+    rows = []
     for subs in subscriber_counts:
         rates = {}
         for kind in ("dftx", "raw"):
@@ -246,12 +247,19 @@ async def orchestrate(counts: int, subscriber_counts: list[int]) -> None:
         print(f"{subs:>11} | {rates['dftx']:>12,.0f} | {rates['raw']:>12,.0f} | "
               f"{rates['dftx'] / rates['raw']:>9.2f}x | {rates['dftx'] * subs:>17,.0f} | "
               f"{rates['raw'] * subs:>18,.0f}", flush=True)
+        rows.append([subs, f"{rates['dftx']:,.0f}", f"{rates['raw']:,.0f}",
+                     f"{rates['dftx'] / rates['raw']:.2f}x", f"{rates['dftx'] * subs:,.0f}",
+                     f"{rates['raw'] * subs:,.0f}"])
+    write_markdown(markdown, {"pubsub_zmq": table(
+        ["subscribers", "dftx msgs/s", "pyzmq msgs/s", "dftx / pyzmq", "dftx deliveries/s",
+         "pyzmq deliveries/s"], rows)})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=50_000)
     parser.add_argument("--subscribers", default="1,20", help="comma-separated S values")
+    parser.add_argument("--markdown", help="also write the table to this file (bench markers)")
     parser.add_argument("--role", choices=sorted(ROLES))
     parser.add_argument("--relay")
     parser.add_argument("--uri")
@@ -263,7 +271,7 @@ def main() -> None:
     from twisted.internet import defer, task
 
     subs = [int(s) for s in args.subscribers.split(",")]
-    task.react(lambda _: defer.ensureDeferred(orchestrate(args.count, subs)))
+    task.react(lambda _: defer.ensureDeferred(orchestrate(args.count, subs, args.markdown)))
 
 
 if __name__ == "__main__":
