@@ -9,6 +9,8 @@ The operator command, C{dftx} (also C{python -m dftx}):
                                        and publish, as an API server does
     dftx tail [--topic T ...] [--json] live updates, one line each
     dftx status URL                    a service's /v1/status, readable
+    dftx curve-keygen DIR [--name N]   a new ZeroMQ CURVE key pair: DIR/N.key
+                                       (public) and DIR/N.key_secret (0600)
 
 The NB database comes from C{--db host:port,...} or the C{[df]} section of
 C{--config FILE}; publishing and tailing need C{--config} (the pub/sub
@@ -60,6 +62,10 @@ def parser() -> argparse.ArgumentParser:
     tail.add_argument("--count", type=int, help="stop after this many updates")
     status = sub.add_parser("status", help="a service's /v1/status")
     status.add_argument("url")
+    keygen = sub.add_parser("curve-keygen", help="a new ZeroMQ CURVE key pair")
+    keygen.add_argument("dir")
+    keygen.add_argument("--name", default="dftx",
+                        help="file name: NAME.key and NAME.key_secret (default: dftx)")
     return p
 
 
@@ -116,9 +122,9 @@ def _pubsub(cfg: dfconfig.Config, relay: bool) -> Any:
         return pubsub.from_config(cfg)
     from dftx.pubsub.zmq import ZmqPubSub
 
-    if relay:
+    if relay:  # ipc: protected by the file's permissions, no CURVE
         return ZmqPubSub(relay=f"ipc://{cfg.neutron_server.publisher_multiproc_socket}")
-    return ZmqPubSub()
+    return ZmqPubSub.from_config(cfg)
 
 
 async def publish(args: argparse.Namespace, out: Any) -> None:
@@ -237,8 +243,21 @@ def _print_tree(data: Any, out: Any, depth: int) -> None:
         out.write(f"{pad}{data}\n")
 
 
+async def curve_keygen(args: argparse.Namespace, out: Any) -> None:
+    from dftx.pubsub.curve import load_key_pair, write_key_pair
+
+    try:
+        public_file, secret_file = write_key_pair(args.dir, args.name)
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
+    public = load_key_pair(secret_file).public.decode()
+    out.write(f"public key {public}\n  {public_file} (give it to the peers that must "
+              f"allow this service)\n  {secret_file} (mode 0600: this service's "
+              f"zmq_curve_secret_key_file)\n")
+
+
 COMMANDS = {"topology": topology, "ls": ls, "get": get, "publish": publish, "tail": tail,
-            "status": status}
+            "status": status, "curve-keygen": curve_keygen}
 
 
 async def run(argv: list[str], out: Any = sys.stdout, err: Any = sys.stderr) -> int:

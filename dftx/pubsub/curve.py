@@ -79,6 +79,10 @@ def _read_keys(path: str) -> tuple[list[bytes], list[bytes], list[bytes]]:
     bare: list[bytes] = []
     for number, line in enumerate(lines, 1):
         line = line.strip()
+        if len(line) == KEY_LENGTH and _is_key(line):
+            # A bare key (z85 has "#" and "=" too): its kind is told by the caller.
+            bare.append(line)
+            continue
         if not line or line.startswith(b"#"):
             continue
         name, sep, value = line.partition(b"=")
@@ -87,10 +91,15 @@ def _read_keys(path: str) -> tuple[list[bytes], list[bytes], list[bytes]]:
             found = public if name == b"public-key" else secret
             what = f"{path!r} line {number} ({name.decode()})"
             found.append(_key(value.strip(b" \t'\""), what))
-        elif not sep and len(line) == KEY_LENGTH and line not in (b"metadata", b"curve"):
-            # A bare key: its kind is told by the caller.
-            bare.append(_key(line, f"{path!r} line {number}"))
     return public, secret, bare
+
+
+def _is_key(text: bytes) -> bool:
+    try:
+        _key(text, "")
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -297,7 +297,8 @@ class ZmqPublisher(PublisherBase):
         """ZAP requests for this PUB socket: C{allowed}, C{denied}."""
         if self.curve_domain is None:
             return {}
-        return dict(_curve.zap_handler().counters.get(self.curve_domain, {}))
+        counters = _curve.zap_handler().counters.get(self.curve_domain, {})
+        return {k: counters.get(k, 0) for k in ("allowed", "denied")}
 
     @property
     def queued(self) -> int:
