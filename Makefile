@@ -8,7 +8,7 @@ APT_PACKAGES = redis-server redis-tools openvswitch-common openvswitch-switch
 NEEDED = /usr/bin/redis-server /usr/bin/redis-cli /usr/sbin/ovsdb-server \
          /usr/bin/ovs-vsctl /usr/share/openvswitch/vswitch.ovsschema
 
-.PHONY: test sandbox system-deps venv clean
+.PHONY: test sandbox docs system-deps venv clean
 
 test: system-deps venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -18,6 +18,10 @@ test: system-deps venv
 SANDBOX_ARGS ?=
 sandbox: system-deps venv
 	$(VENV)/bin/python -m dftx.sandbox $(SANDBOX_ARGS)
+
+# The documentation (Sphinx + MyST) as HTML in doc/_build/html; a warning fails.
+docs: venv
+	$(VENV)/bin/python -m sphinx -W --keep-going -b html doc doc/_build/html
 
 system-deps:
 	@missing=""; for f in $(NEEDED); do [ -e $$f ] || missing="$$missing $$f"; done; \

@@ -28,6 +28,8 @@ setup(
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
             "treq>=24.9",
+            "sphinx>=9.0",
+            "myst-parser>=5.0",
         ],
         "bench": [
             "redis>=5",
