@@ -28,7 +28,8 @@ the iface-id, value JSON C{{"status": "up"|"down", "chassis", "ofport"}}),
 written through L{dftx.nb.NbApi} and so published on the controller's own
 publisher, where the neutron-server side receives them.  After each
 initial OVSDB sync, rows of this chassis that say C{up} for ports no
-longer present are set C{down}; writes that fail are retried.
+longer present are set C{down}; writes that fail are retried.  On a
+C{dbrestart} the chassis row and the rows of online ports are written again.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class ControllerService(runner.RoleService):
         tables; C{mirror.cache} is the L{LocalCache}.
     @ivar ports: the online ports (the OVSDB monitor's C{ports}), by uuid.
     @ivar counters: updates, port_status_writes, port_status_errors,
-        ha_topologies (the mirror has its own).
+        chassis_writes, chassis_errors, ha_topologies (the mirror has its
+        own).
     """
 
     name = "dfcontroller"
@@ -93,9 +95,10 @@ class ControllerService(runner.RoleService):
         self.root.v1.putChild(b"ports", http.JsonLeaf(self.online_ports))
         self._http_port: Any = None
         self._sync_loop: task.LoopingCall | None = None
-        self._port_writes: dict[str, str] = {}
-        self._port_flush: defer.Deferred[None] | None = None
-        self._port_retry: Any = None
+        # This node's own rows waiting to be written: (table, key) -> value.
+        self._own_writes: dict[tuple[str, str], str] = {}
+        self._own_flush: defer.Deferred[None] | None = None
+        self._own_retry: Any = None
 
     # --- the in-process API for local applications ----------------------------------
 
@@ -151,8 +154,7 @@ class ControllerService(runner.RoleService):
         await self.publisher.initialize()
         self.nb = NbApi(self.db, self.publisher)
         self.missing = "not registered"
-        await self.nb.create(CHASSIS_TABLE, self.chassis, json.dumps(
-            {"id": self.chassis, "ip": cfg.df.management_ip}, sort_keys=True))
+        await self.nb.create(CHASSIS_TABLE, self.chassis, self._chassis_row())
         uri = advertised_uri(lc.publisher_bind_address, lc.publisher_port, cfg.df.management_ip)
         self.registration = Registration(
             self.db, self.publisher.id, uri, dfconfig.LOCAL_CONTROLLER,
@@ -190,8 +192,8 @@ class ControllerService(runner.RoleService):
     async def _stop(self) -> None:
         if self._sync_loop is not None and self._sync_loop.running:
             self._sync_loop.stop()
-        if self._port_retry is not None and self._port_retry.active():
-            self._port_retry.cancel()
+        if self._own_retry is not None and self._own_retry.active():
+            self._own_retry.cancel()
         if self.monitor is not None:
             await self.monitor.stopService()
         if self.discovery is not None and self.discovery.running:
@@ -218,7 +220,7 @@ class ControllerService(runner.RoleService):
         if self.discovery is not None and (update.is_control or update.table == PUBLISHER_TABLE):
             self.discovery.observe(update)
         if update.action == DBRESTART:
-            self._reannounce_ports()
+            self._reannounce()
         self.mirror.received(update)
 
     def _ha_message(self, update: DbUpdate) -> None:
@@ -239,9 +241,15 @@ class ControllerService(runner.RoleService):
             status = "down" if event.action == "offline" else "up"
             self._set_port_status(event.iface_id, status, event.ofport)
 
-    def _reannounce_ports(self) -> None:
-        """Write every online VM port's row again (a database failover may
-        have lost the last writes)."""
+    def _chassis_row(self) -> str:
+        return json.dumps({"id": self.chassis, "ip": self.config.df.management_ip},
+                          sort_keys=True)
+
+    def _reannounce(self) -> None:
+        """Write this node's own rows again, its chassis row and every online
+        VM port's row: a database failover may have lost the last writes,
+        and a restart without persistence all of them."""
+        self._write_own(CHASSIS_TABLE, self.chassis, self._chassis_row())
         for event in self.ports.values():
             if event.kind == "vm" and event.iface_id:
                 self._set_port_status(event.iface_id, "up", event.ofport)
@@ -261,39 +269,45 @@ class ControllerService(runner.RoleService):
                 continue
             if (isinstance(row, dict) and row.get("chassis") == self.chassis
                     and row.get("status") == "up" and key not in present
-                    and key not in self._port_writes):
+                    and (PORT_STATUS_TABLE, key) not in self._own_writes):
                 self._set_port_status(key, "down", row.get("ofport"))
 
     def _set_port_status(self, iface_id: str, status: str, ofport: Any) -> None:
-        self._port_writes[iface_id] = json.dumps(
-            {"status": status, "chassis": self.chassis, "ofport": ofport}, sort_keys=True)
-        if self._port_flush is None:
-            self._port_flush = defer.ensureDeferred(self._flush_ports())
+        self._write_own(PORT_STATUS_TABLE, iface_id, json.dumps(
+            {"status": status, "chassis": self.chassis, "ofport": ofport}, sort_keys=True))
 
-    async def _flush_ports(self) -> None:
-        """Write pending port_status rows, one at a time (the latest value of
-        each); on a failure, retry them all a second later."""
+    def _write_own(self, table: str, key: str, value: str) -> None:
+        """Write one of this node's own rows through the NB API, soon and
+        until it succeeds (only the latest value of a row is written)."""
+        self._own_writes[table, key] = value
+        if self._own_flush is None:
+            self._own_flush = defer.ensureDeferred(self._flush_own())
+
+    async def _flush_own(self) -> None:
+        """Write pending rows one at a time; on a failure, retry them all a
+        second later."""
         try:
-            while self._port_writes and self.running:
-                iface_id = next(iter(self._port_writes))
-                value = self._port_writes[iface_id]
+            while self._own_writes and self.running:
+                row = next(iter(self._own_writes))
+                table, key = row
+                value = self._own_writes[row]
                 try:
-                    await self.nb.create(PORT_STATUS_TABLE, iface_id, value)  # type: ignore[union-attr]
+                    await self.nb.create(table, key, value)  # type: ignore[union-attr]
                 except DftxError as e:
-                    self.counters["port_status_errors"] += 1
-                    log.warn("writing port_status {key} failed (retrying): {error}",
-                             key=iface_id, error=e)
-                    self._port_retry = self.clock.callLater(1.0, self._retry_ports)
+                    self.counters[f"{table}_errors"] += 1
+                    log.warn("writing {table} {key} failed (retrying): {error}",
+                             table=table, key=key, error=e)
+                    self._own_retry = self.clock.callLater(1.0, self._retry_own)
                     return
-                self.counters["port_status_writes"] += 1
-                if self._port_writes.get(iface_id) == value:
-                    del self._port_writes[iface_id]
+                self.counters[f"{table}_writes"] += 1
+                if self._own_writes.get(row) == value:
+                    del self._own_writes[row]
         finally:
-            self._port_flush = None
+            self._own_flush = None
 
-    def _retry_ports(self) -> None:
-        if self._port_flush is None and self.running:
-            self._port_flush = defer.ensureDeferred(self._flush_ports())
+    def _retry_own(self) -> None:
+        if self._own_flush is None and self.running:
+            self._own_flush = defer.ensureDeferred(self._flush_own())
 
     # --- IStatusSource --------------------------------------------------------------------
 

@@ -254,6 +254,14 @@ async def test_every_redis_node_down_for_10_s(faulted):
     # application's hook re-wrote its rows.
     await f.recovered("every Redis node down for 10 s")
     assert f.load.rewrites >= 1 and f.watcher.counters["restarts"] >= 1
+    # The services re-wrote their own rows too.
+    await poll(lambda: _row_count(f.d, "chassis", 2), RECOVERY, "chassis rows re-written")
+    # dfpublisher's and each controller's publisher (refreshed every timeout/3).
+    await poll(lambda: _row_count(f.d, "publisher", 3), RECOVERY, "publisher rows re-written")
+
+
+async def _row_count(d, table, n):
+    return len(await d.db_table(table)) == n
 
 
 @aio

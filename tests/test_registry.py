@@ -129,8 +129,13 @@ async def test_discovery_follows_the_other_role_only():
             clock.advance(10)
         assert disc.connected == {"tcp://127.0.0.1:7001", "tcp://127.0.0.1:7003"}
 
+        # A row that leaves the table unannounced (the database lost it) is
+        # followed until it is stale: n3 refreshed last at 1030.
         await db.delete_key(T, "n3")
         clock.advance(5)
+        assert disc.connected == {"tcp://127.0.0.1:7001", "tcp://127.0.0.1:7003"}
+        await put(db, "n1", "tcp://127.0.0.1:7001", NEUTRON_SERVER, 1050)
+        clock.advance(25)  # 1065: n3 refreshed 35 s ago (timeout 30)
         assert disc.connected == {"tcp://127.0.0.1:7001"}
         assert sub.addresses == {"tcp://127.0.0.1:7001", "tcp://127.0.0.1:7999"}
     finally:

@@ -11,7 +11,11 @@ also deletes rows that were not refreshed for C{timeout} seconds
 A subscriber follows the publishers of the I{other} role (L{Discovery}): it
 reads the table at start and every C{interval} seconds, connects to the
 uri of every live row of that role and disconnects from uris whose rows are
-gone or stale.  Between reads, two things make it react sooner: a
+stale.  A row that left the table unannounced counts as stale only once its
+last timestamp is: when the database loses rows (a failover, every node
+restarted without persistence), subscribers stay connected to publishers
+that are alive, which re-write their rows within C{timeout / 3}, and so
+still get the C{dbrestart} those publishers send.  Between reads, two things make it react sooner: a
 publisher announces its own row's creation and deletion as a L{DbUpdate} of
 table C{publisher} on C{"D"} (so its subscribers drop it at once on a clean
 stop), and the owner of the subscriber passes every update it receives to
@@ -301,7 +305,14 @@ class Discovery(service.Service):
         except DftxError as e:
             log.warn("reading table {table} failed: {error}", table=PUBLISHER_TABLE, error=e)
             return
-        self.rows = {r.id: r for r in rows if r.role == self.follows}
+        read = {r.id: r for r in rows if r.role == self.follows}
+        # A row gone from the table without its publisher announcing it (the
+        # database lost it: a failover, a restart without persistence) is
+        # kept until it goes stale; a live publisher writes it again sooner.
+        now = self.clock.seconds()
+        kept = {i: r for i, r in self.rows.items()
+                if i not in read and not r.stale(now, self.timeout)}
+        self.rows = {**kept, **read}
         await self._sync(self._live())
 
     def _live(self) -> dict[str, str | None]:
