@@ -129,7 +129,9 @@ class PublisherService(runner.RoleService):
         await self.publisher.initialize()
         if isinstance(self.publisher, ZmqPublisher) and ns.pub_sub_use_multiproc:
             path = ns.publisher_multiproc_socket
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            # A new directory: only the owner and its group reach the socket
+            # (the relay then makes the socket file itself 0660).
+            os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             self.relay = ZmqRelay(f"ipc://{path}", self.publisher)
             self.relay.start()
         self.missing = "not registered"
