@@ -37,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from _common import Child, table, write_markdown
@@ -45,6 +46,7 @@ TOPIC = "scale"
 TABLE = "lport"
 PAD = "x" * 200
 CHUNK = 1000
+EVENTS = ("gaps", "undecodable", "restarts")  # subscriber counters that mean a loss
 TRANSPORTS = {"redis": "Redis classic", "redis_sharded": "Redis sharded",
               "zmq": "ZeroMQ (dfpublisher)"}
 
@@ -92,6 +94,9 @@ def subscribers(transport: str, where: str, n: int) -> None:
     latencies: list[float] = []
     reached: dict[int, int] = {}
 
+    def say(line: str) -> None:  # stdout is StandardIO's (non-blocking): no print()
+        commands.transport.write(line.encode() + b"\n")
+
     def callback(k: int):
         def on_update(update) -> None:
             if update.is_control or update.table != TABLE:
@@ -102,14 +107,14 @@ def subscribers(transport: str, where: str, n: int) -> None:
                 if not warm[k]:
                     warm[k] = True
                     if all(warm):
-                        print("ready", flush=True)
+                        say("ready")
                 return
             latencies.append(now - v["t"])
             got[k] += 1
             if v["r"]:
                 reached[v["i"]] = reached.get(v["i"], 0) + 1
                 if reached[v["i"]] == n:
-                    print(f"got {v['i']}", flush=True)
+                    say(f"got {v['i']}")
         return on_update
 
     class Commands(LineReceiver):
@@ -117,10 +122,11 @@ def subscribers(transport: str, where: str, n: int) -> None:
 
         def lineReceived(self, line: bytes) -> None:
             if line == b"report":
-                gaps = sum(s.counters["gaps"] + s.counters["undecodable"] for s in subs)
-                print("result " + json.dumps({
-                    "got": got, "gaps": gaps,
-                    "lat": [round(x * 1e6) for x in latencies]}), flush=True)
+                counts = {k: sum(s.counters[k] for s in subs) for k in EVENTS}
+                say("result " + json.dumps({
+                    "got": got, **counts, "lat": [round(x * 1e6) for x in latencies]}))
+                for s in subs:
+                    s.counters.clear()
                 got[:] = [0] * n
                 latencies.clear()
                 reached.clear()
@@ -137,10 +143,12 @@ def subscribers(transport: str, where: str, n: int) -> None:
             await sub.register_listen_address(where)
         await sub.initialize(callback(k))
 
+    commands = Commands()
+
     async def main(reactor) -> None:
+        stdio.StandardIO(commands)
         await defer.gatherResults([defer.ensureDeferred(start(k)) for k in range(n)])
-        stdio.StandardIO(Commands())
-        print("subscribed", flush=True)
+        say("subscribed")
         await defer.Deferred()  # until stdin closes
 
     task.react(lambda r: defer.ensureDeferred(main(r)))
@@ -165,6 +173,7 @@ async def measure(transport: str, where: str, relay: str | None, size: int,
     children = [Child([sys.executable, __file__, "--role", "subscribers", "--transport",
                        transport, "--where", where, "--n", str(share)]) for share in shares]
     pub = pubsub(transport, where, relay).get_publisher()
+    failed: list = []
     try:
         await pub.initialize()
         for c in children:
@@ -175,14 +184,16 @@ async def measure(transport: str, where: str, relay: str | None, size: int,
             return all("ready" in c.lines for c in children)
         await poll(warmed, 60, f"{size} {transport} subscribers warmed up", interval=0.1)
 
-        async def report(count: int) -> tuple[int, list[int], int]:
+        async def report(count: int) -> tuple[Counter, list[int]]:
+            """What the phase lost (messages, and why), and its latencies."""
             for c in children:
                 c.lines.clear()
                 c.transport.write(b"report\n")
             results = [json.loads((await c.line("result ", 120))[7:]) for c in children]
-            lost = sum(max(0, count - g) for r in results for g in r["got"])
-            return (lost, sorted(x for r in results for x in r["lat"]),
-                    sum(r["gaps"] for r in results))
+            events = Counter(lost=sum(max(0, count - g) for r in results for g in r["got"]))
+            for r in results:
+                events.update({k: r[k] for k in EVENTS})
+            return events, sorted(x for r in results for x in r["lat"])
 
         async def delivered(i: int, timeout: float) -> bool:
             """Message I reached every subscriber (False: not in time)."""
@@ -199,20 +210,24 @@ async def measure(transport: str, where: str, relay: str | None, size: int,
         start = time.perf_counter()
         for first in range(0, args.count, CHUNK):
             last = min(args.count, first + CHUNK) - 1
-            sends = [pub.send_event(message(i, i == args.count - 1))
+            sends = [pub.send_event(message(i, i == args.count - 1)).addErrback(failed.append)
                      for i in range(first, last + 1)]
             await sends[-1]  # they fire in order
         complete = await delivered(args.count - 1, 30 + args.count * size / 5000)
         elapsed = time.perf_counter() - start
-        lost, burst, gaps = await report(args.count)
+        events, burst = await report(args.count)
+        delivered_n = args.count * size - events["lost"]
         # 2. One at a time.
         for i in range(args.latency_count):
             for c in children:
                 c.lines.clear()
-            await pub.send_event(message(i, True))
+            await pub.send_event(message(i, True)).addErrback(failed.append)
             if not await delivered(i, 10):
+                complete = False
                 break
-        lost2, single, gaps2 = await report(args.latency_count)
+        more, single = await report(args.latency_count)
+        events += more
+        events["failed sends"] = len(failed)
     finally:
         await pub.close()
         for c in children:
@@ -224,8 +239,7 @@ async def measure(transport: str, where: str, relay: str | None, size: int,
             for c in children:
                 c.kill()
             Child.live.clear()
-    delivered_n = args.count * size - lost
-    return {"procs": procs, "complete": complete, "lost": lost + lost2, "gaps": gaps + gaps2,
+    return {"procs": procs, "complete": complete, "events": events,
             "msgs": delivered_n / size / elapsed, "deliveries": delivered_n / elapsed,
             "burst": percentiles(burst), "single": percentiles(single)}
 
@@ -263,9 +277,10 @@ async def orchestrate(args: argparse.Namespace) -> None:
         try:
             for size in sizes:
                 r = await measure(transport, where, relay, size, args)
-                lost = f"{r['lost']:,}" + ("" if r["complete"] else " (incomplete)")
-                if r["gaps"]:
-                    lost += f", {r['gaps']} gaps"
+                events = r["events"]
+                why = [f"{events[k]:,} {k}" for k in (*EVENTS, "failed sends") if events[k]]
+                why += [] if r["complete"] else ["incomplete"]
+                lost = f"{events['lost']:,}" + (f" ({', '.join(why)})" if why else "")
                 row = [TRANSPORTS[transport], f"{size:,}", r["procs"], f"{r['msgs']:,.0f}",
                        f"{r['deliveries']:,.0f}", lost,
                        *(f"{x:.2f}" for x in r["burst"] + r["single"])]
