@@ -2,7 +2,7 @@
 Key/value throughput on a Redis Cluster: dftx's cluster client against
 redis-py's redis.asyncio.cluster.RedisCluster and coredis's RedisCluster.
 
-    .venv/bin/python bench/redis_kv.py [--keys 50000] [--inflight 50] [--rounds 3]
+    .venv/bin/python bench/redis_kv.py [--keys 50000] [--inflight 50] [--rounds 3] [--markdown FILE]
 
 The script starts one 3-master Redis Cluster (dftx.servers.RedisCluster) and
 then runs each client in a fresh interpreter of its own (this same script
@@ -35,6 +35,8 @@ import sys
 import time
 
 from twisted.internet import defer, task
+
+from _common import table as markdown_table, write_markdown
 
 HERE = os.path.abspath(__file__)
 
@@ -214,6 +216,24 @@ def table(title, results, reference) -> str:
     return "\n".join(lines)
 
 
+LABELS = {
+    "dftx": "dftx `ClusterClient`",
+    "redis.asyncio": "redis.asyncio.cluster.RedisCluster",
+    "coredis": "coredis.RedisCluster",
+    "dftx-protocol": "`dftx.redis` (`NodeConnection`, hiredis.Reader)",
+    "txredisapi-protocol": "txredisapi `HiredisProtocol` (`convertNumbers=False, charset=None`)",
+}
+
+
+def markdown(first, results, reference, ratio) -> str:
+    ref = results[reference]
+    return markdown_table([first, "SET ops/s", "GET ops/s", ratio], [
+        [LABELS[name], f"{r['SET']:,.0f}", f"{r['GET']:,.0f}",
+         "1.00x" if name == reference
+         else f"{r['SET'] / ref['SET']:.2f}x / {r['GET'] / ref['GET']:.2f}x"]
+        for name, r in results.items()])
+
+
 async def orchestrate(args) -> None:
     from dftx.servers import RedisCluster, RedisServer
 
@@ -230,12 +250,18 @@ async def orchestrate(args) -> None:
             ["dftx", "redis.asyncio", "coredis"], cluster.seeds[0], cluster.nodes, args
         )
         print(table("\nRedis Cluster, SET then GET:", results, "redis.asyncio"))
+        blocks = {"redis_kv.cluster": markdown(
+            f"client (Redis Cluster, {len(masters)} masters)", results, "redis.asyncio",
+            "vs redis.asyncio")}
         if not args.no_protocol:
             proto = await best_of(
                 ["dftx-protocol", "txredisapi-protocol"], single.address, [single], args
             )
             print(table("\nOne server, one pipelined connection (RESP layer only):",
                         proto, "txredisapi-protocol"))
+            blocks["redis_kv.protocol"] = markdown(
+                "protocol (one connection)", proto, "txredisapi-protocol", "ratio")
+        write_markdown(args.markdown, blocks)
     finally:
         await single.kill()
         await cluster.stop()
@@ -250,6 +276,7 @@ def main() -> None:
                         help="replicas per master (default 0: 2-core machines)")
     parser.add_argument("--no-protocol", action="store_true",
                         help="skip the RESP layer comparison")
+    parser.add_argument("--markdown", help="also write the tables to this file (bench markers)")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--seed", help=argparse.SUPPRESS)
     args = parser.parse_args()
