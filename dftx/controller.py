@@ -30,6 +30,11 @@ publisher, where the neutron-server side receives them.  After each
 initial OVSDB sync, rows of this chassis that say C{up} for ports no
 longer present are set C{down}; writes that fail are retried.  On a
 C{dbrestart} the chassis row and the rows of online ports are written again.
+
+With C{[df] zmq_curve}, the controller's publisher is a CURVE server (only
+C{zmq_curve_allowed_keys} may subscribe) and its subscriber a CURVE client
+that authenticates each publisher service by the key in its registration
+row (or C{zmq_curve_server_keys}); see doc/security.md.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from dftx.errors import DftxError
 from dftx.ha import HA_TOPIC, topology_from_update
 from dftx.http import Metric
 from dftx.nb import NbApi, db_from_config
-from dftx.publisher import advertised_uri, zmq_address
+from dftx.publisher import advertised_uri, curve_status, pubsub_from_config, zmq_address
 from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
 from dftx.update import DBRESTART, DbUpdate
 
@@ -150,7 +155,7 @@ class ControllerService(runner.RoleService):
         await self.db.initialize()
         self.missing = "publisher not bound"
         bind = zmq_address(lc.publisher_bind_address, lc.publisher_port)
-        self.publisher = pubsub.from_config(cfg, bind=bind).get_publisher()
+        self.publisher = pubsub_from_config(cfg, bind=bind).get_publisher()
         await self.publisher.initialize()
         self.nb = NbApi(self.db, self.publisher)
         self.missing = "not registered"
@@ -158,11 +163,12 @@ class ControllerService(runner.RoleService):
         uri = advertised_uri(lc.publisher_bind_address, lc.publisher_port, cfg.df.management_ip)
         self.registration = Registration(
             self.db, self.publisher.id, uri, dfconfig.LOCAL_CONTROLLER,
-            cfg.df.publisher_timeout, publisher=self.publisher, clock=self.clock)
+            cfg.df.publisher_timeout, publisher=self.publisher, clock=self.clock,
+            curve_public_key=getattr(self.publisher, "public_key", None))
         self.registration.startService()
         await self.registration.started
         self.missing = "not subscribed"
-        self.subscriber = pubsub.from_config(cfg).get_subscriber()
+        self.subscriber = pubsub_from_config(cfg).get_subscriber()
         for topic in sorted(self.mirror.topics | {HA_TOPIC}):
             await self.subscriber.register_topic(topic)
         await self.subscriber.initialize(self._received)
@@ -321,6 +327,7 @@ class ControllerService(runner.RoleService):
             "ready": self.missing is None,
             "not_ready": self.missing,
             "publisher": None if reg is None else {"id": reg.id, "uri": reg.uri},
+            "curve": curve_status(self.publisher),
             "cluster": topology.as_dict() if topology is not None else None,
             "subscriptions": {
                 "topics": sorted(sub.topics) if sub else [],
