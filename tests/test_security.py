@@ -411,3 +411,89 @@ async def test_dfpublisher_with_curve_and_a_password_serves_keyed_subscribers_on
             await sub.close()
         await db.close()
         await svc.kill()
+
+
+@aio
+async def test_dfpublisher_and_dfcontroller_with_curve_both_ways(
+        tmp_path, redis_cluster, ovsdb_server, unique):
+    """Each service allows the other's key (one directory of public keys):
+    NB updates reach the controller, its port status reaches dfpublisher."""
+    secret_dir, public_dir = tmp_path / "secret", tmp_path / "public"
+    secret_dir.mkdir()
+    public_dir.mkdir()
+    out = io.StringIO()
+    for name in ("dfpublisher", "compute1"):
+        assert await cli.run(["curve-keygen", str(secret_dir), "--name", name], out) == 0
+        os.rename(secret_dir / f"{name}.key", public_dir / f"{name}.key")
+
+    def curve_keys(name):
+        return (f"zmq_curve = true\nzmq_curve_secret_key_file = {secret_dir}/{name}.key_secret\n"
+                f"zmq_curve_allowed_keys = {public_dir}\n")
+    await ovsdb_server.vsctl("add-br", "br-int")
+    publisher = service(tmp_path, "dfpub", redis_cluster.seeds, curve_keys("dfpublisher"), "")
+    http_port, port = free_port(), free_port()
+    controller = DftxService("dfcontroller", tmp_path / "compute1", f"""\
+[df]
+nb_db_driver = redis
+remote_db_hosts = {','.join(redis_cluster.seeds[:2])}
+pub_sub_driver = zmq
+publisher_timeout = 30
+{curve_keys("compute1")}
+[df_local_controller]
+chassis_name = compute1-{unique}
+publisher_port = {port}
+ovsdb_connection = {ovsdb_server.tcp}
+tables = lport
+db_sync_time = 120
+http_endpoint = tcp:{http_port}:interface=127.0.0.1
+""", http_port)
+    db = RedisDbDriver(hosts=redis_cluster.seeds)
+    worker = None
+    try:
+        await publisher.start()
+        await controller.start()
+        await db.initialize()
+        from dftx.nb import NbApi
+
+        worker = ZmqPubSub(relay=publisher.ipc).get_publisher()
+        await worker.initialize()
+        nb = NbApi(db, worker)
+        await poll(lambda: _connected(controller, publisher.uri), 15,
+                   "the controller found dfpublisher")
+        n = 0
+
+        async def arrived():
+            nonlocal n
+            n += 1
+            await nb.create("lport", f"{unique}-{n}", json.dumps({"n": n}))
+            return f"{unique}-{n}" in await controller.json("/v1/tables/lport")
+        await poll(arrived, 20, "an NB update at the controller through CURVE")
+        status = await controller.json("/v1/status")
+        assert status["counters"]["subscriber_delivered"] >= 1
+        assert status["counters"].get("subscriber_handshake_failures", 0) == 0
+        assert status["curve"]["public_key"]
+
+        await ovsdb_server.vsctl(
+            "add-port", "br-int", "tap1", "--", "set", "Interface", "tap1",
+            f"external_ids:iface-id={unique}-vm", "external_ids:attached-mac=fa:16:3e:00:00:01")
+
+        async def neutron_side():
+            table = await publisher.json("/v1/tables/port_status")
+            return table.get(f"{unique}-vm", {}).get("status") == "up"
+        await poll(neutron_side, 20, "port status at dfpublisher through CURVE")
+        pub_status = await publisher.json("/v1/status")
+        assert pub_status["curve"]["clients"]["allowed"] >= 1
+        assert pub_status["counters"].get("subscriber_handshake_failures", 0) == 0
+        for svc in (publisher, controller):
+            assert "secret-key" not in svc.log and "Traceback" not in svc.log
+    finally:
+        if worker is not None:
+            await worker.close()
+        await db.close()
+        for svc in (controller, publisher):
+            await svc.kill()
+
+
+async def _connected(svc, uri):
+    status = await svc.json("/v1/status")
+    return uri in status["subscriptions"]["publishers"]
