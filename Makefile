@@ -8,10 +8,14 @@ APT_PACKAGES = redis-server redis-tools openvswitch-common openvswitch-switch
 NEEDED = /usr/bin/redis-server /usr/bin/redis-cli /usr/sbin/ovsdb-server \
          /usr/bin/ovs-vsctl /usr/share/openvswitch/vswitch.ovsschema
 
-.PHONY: test sandbox docs system-deps venv clean
+.PHONY: test soak sandbox docs system-deps venv clean
 
 test: system-deps venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The long fault-injection variants (tests marked soak), left out of make test.
+soak: system-deps venv
+	$(VENV)/bin/pytest -m soak $(PYTEST_ARGS)
 
 # A whole deployment on loopback with a narrated scenario; SANDBOX_ARGS=--once
 # stops after it instead of running until Ctrl-C.

@@ -555,9 +555,19 @@ class RedisCluster:
         """
         CLUSTER FAILOVER on C{replica} (C{mode} "" for the coordinated
         failover, or "FORCE" / "TAKEOVER") and wait until it is a master.
+        A manual failover that has not happened after Redis's own limit for
+        it (5 s: the replica did not catch up with its master in time) was
+        abandoned by Redis, and is asked for again.
         """
-        await replica.cli("CLUSTER", "FAILOVER", *([mode] if mode else []))
-        await self.wait_promoted(replica, timeout)
+        deadline = reactor.seconds() + timeout
+        while True:
+            await replica.cli("CLUSTER", "FAILOVER", *([mode] if mode else []))
+            try:
+                await self.wait_promoted(replica, min(10.0, deadline - reactor.seconds()))
+                return
+            except TimeoutError:
+                if reactor.seconds() + 1 >= deadline:
+                    raise
 
     async def wait_promoted(self, node: RedisServer, timeout: float = 30.0) -> None:
         """

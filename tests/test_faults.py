@@ -203,6 +203,35 @@ async def test_kill_9_of_a_master(faulted):
     await f.recovered("kill -9 of a master")
 
 
+@pytest.mark.soak
+@aio
+async def test_kill_9_of_each_master_in_turn(faulted):
+    f = faulted
+    cluster = f.d.cluster
+    for master in list(await cluster.masters()):
+        [replica] = await cluster.replicas_of(master)
+        await master.kill()
+        await cluster.wait_promoted(replica, 30)
+        await f.load.acked_more(100)
+        await master.start()  # it rejoins as the replica of its replacement
+        await cluster.wait_healthy(60)
+    await f.recovered("kill -9 of each master in turn", min_resyncs=3)
+
+
+@pytest.mark.soak
+@aio
+async def test_ten_coordinated_failovers_back_and_forth(faulted):
+    f = faulted
+    cluster = f.d.cluster
+    for _ in range(10):
+        master = (await cluster.masters())[0]
+        [replica] = await cluster.replicas_of(master)
+        await cluster.failover(replica)
+        await cluster.wait_healthy(60)
+        await f.load.acked_more(50)
+    await f.recovered("ten CLUSTER FAILOVERs", min_resyncs=10)
+
+
 @aio
 async def test_sigstop_of_a_master_beyond_the_node_timeout(faulted):
     f = faulted
