@@ -144,9 +144,13 @@ def _write(path, cert=None, key=None):
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory):
     """A CA (also alone in C{ca_dir}, for C{caCertsDir=}), a server
-    certificate for localhost/127.0.0.1, a client one signed by the CA."""
+    certificate for localhost/127.0.0.1, a client one signed by the CA;
+    and, alone in C{untrusted_ca_dir}, another CA that signed none of them."""
     d = tmp_path_factory.mktemp("pki")
     (d / "ca").mkdir()
+    (d / "untrusted").mkdir()
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = _cert("dftx test CA", other_key, "dftx test CA", other_key, ca=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert("dftx test CA", ca_key, "dftx test CA", ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP256R1())
@@ -157,6 +161,8 @@ def pki(tmp_path_factory):
         "dir": d,
         "ca_dir": str(d / "ca"),
         "ca": _write(d / "ca" / "ca.pem", ca),
+        "untrusted_ca_dir": str(d / "untrusted"),
+        "untrusted_ca": _write(d / "untrusted" / "ca.pem", other),
         "server_cert": _write(d / "server.pem", server),
         "server_key": _write(d / "server.key", key=server_key),
         "client_cert": _write(d / "client.pem", client),

@@ -402,6 +402,16 @@ async def test_ssl_with_the_hostname_checked(make_ovsdb_server, pki):
         assert "DNSMismatch" in str(wrong.last_error)
     finally:
         await wrong.stopService()
+    # A CA with the same name but another key signed nothing of the server's.
+    untrusted, rec = watch(f"ssl:host=127.0.0.1:port={port}:"
+                           f"caCertsDir={pki['untrusted_ca_dir']}:hostname=localhost")
+    untrusted.startService()
+    try:
+        await poll(lambda: untrusted.counters["connections"] >= 2, 10, "retries")
+        assert not untrusted.synced and rec.events == []
+        assert "certificate verify failed" in str(untrusted.last_error)
+    finally:
+        await untrusted.stopService()
 
 
 @aio

@@ -67,6 +67,21 @@ async def test_ssl_endpoint_string_checks_the_hostname(tls_server, pki, unique):
 
 
 @aio
+async def test_a_server_certificate_from_an_untrusted_ca_is_refused(tls_server, pki, unique):
+    # The same subject name as the real CA, another key: only the signature
+    # tells them apart.
+    port = tls_server.tls_port
+    untrusted = RedisDbDriver(
+        [f"ssl:host=127.0.0.1:port={port}:caCertsDir={pki['untrusted_ca_dir']}:"
+         "hostname=localhost"], retries=1)
+    with pytest.raises(DBConnectionError) as info:
+        await untrusted.initialize()
+    await untrusted.close()
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert "certificate verify failed" in str(info.value)
+
+
+@aio
 async def test_tls_settings_with_client_certificate(tls_server, pki, unique):
     address = f"127.0.0.1:{tls_server.tls_port}"
     await _roundtrip(RedisDbDriver([address], tls=TLSOptions(pki["ca"])), unique)
