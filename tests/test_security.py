@@ -24,11 +24,11 @@ from dftx import config as dfconfig
 from dftx.config import LOCAL_CONTROLLER, NEUTRON_SERVER
 from dftx.db.memory import MemoryDbDriver
 from dftx.db.redis import RedisDbDriver
-from dftx.errors import ConfigError, DBConnectionError, SubscribeError
+from dftx.errors import ConfigError, DBConnectionError, PublishError, SubscribeError
 from dftx.pubsub import curve
 from dftx.pubsub.curve import CurveSettings, KeyPair, load_key_pair, load_public_keys
 from dftx.pubsub.registry import Discovery, Registration, read_rows
-from dftx.pubsub.zmq import ZmqPubSub
+from dftx.pubsub.zmq import ZmqPubSub, ZmqRelay
 from dftx.servers import DftxService, free_port, poll
 
 from .test_pubsub_zmq import Received, joined, row
@@ -128,6 +128,44 @@ async def test_one_subscriber_many_publishers_each_with_its_own_server_key():
         await sub.close()
         for p in pubs:
             await p.close()
+
+
+@aio
+async def test_a_tcp_relay_with_curve_takes_only_keyed_pushers():
+    relay_keys, worker_keys, stranger = pair(), pair(), pair()
+    out = await curve_publisher(pair(), [worker_keys])
+    sub, got = await curve_subscriber(out.uri, worker_keys, out.curve.keys.public)
+    relay = ZmqRelay(ANY_PORT, out, curve=settings(relay_keys, [worker_keys]))
+    relay.start()
+    address = relay._socket.socket.get(zmq.LAST_ENDPOINT).decode()
+    good = ZmqPubSub(relay=address, curve=settings(worker_keys),
+                     relay_server_key=relay_keys.public).get_publisher()
+    await good.initialize()
+    strangers = [ZmqPubSub(relay=address, linger=0.1).get_publisher(),
+                 ZmqPubSub(relay=address, curve=settings(stranger), linger=0.1,
+                           relay_server_key=relay_keys.public).get_publisher()]
+    for p in strangers:
+        await p.initialize()
+    try:
+        with pytest.raises(PublishError):  # CURVE over tcp without the relay's key
+            await ZmqPubSub(relay=address, curve=settings(worker_keys)).get_publisher() \
+                .initialize()
+        await joined(good, got)
+        for n, p in enumerate(strangers):
+            p.send_event(row(f"stranger{n}")).addErrback(lambda f: None)
+        for i in range(5):
+            await good.send_event(row(f"pushed-{i}"))
+        await poll(lambda: "pushed-4" in got.keys(), 10, "keyed pushes relayed")
+        await poll(lambda: relay.curve and curve.zap_handler().counters[
+            relay.curve_domain]["denied"] >= 1, 10, "the stranger's key refused")
+        assert not [k for k in got.keys() if k.startswith("stranger")]
+        assert all(p.queued == 1 for p in strangers)  # never taken
+    finally:
+        for p in [good, *strangers]:
+            await p.close()
+        await relay.close()
+        await sub.close()
+        await out.close()
 
 
 @aio
