@@ -140,6 +140,20 @@ def test_garbage_is_counted_logged_once_per_peer_and_dropped():
     assert [u.key for u in rec.got] == ["ok"]
 
 
+def test_oversized_is_counted_dropped_and_its_topic_resynced():
+    sub, rec = subscriber("D")
+    sub.max_message_size = 100
+    sub._message("D", msg("a", 1))
+    sub._message("D", encode(DbUpdate("lport", "big", "create", "x" * 200),
+                             publisher="p", seq=2))
+    sub._message("D", msg("c", 3))
+    # The drop resyncs at once (it may have been the topic's last message);
+    # the next one shows the gap too.
+    assert [(u.action, u.key, u.topic) for u in rec.got] == [
+        ("create", "a", "D"), ("sync", None, "D"), ("sync", None, "D"), ("create", "c", "D")]
+    assert sub.counters["oversized"] == 1 and sub.counters["delivered"] == 2
+
+
 def test_callback_errors_are_counted_and_the_stream_goes_on():
     sub = SubscriberBase()
     sub.topics.add("D")

@@ -180,6 +180,14 @@ async def test_garbage_on_a_subscribed_channel_is_counted_and_dropped(
     await p.pub.send_event(row("ok", unique))
     await poll(lambda: "ok" in p.got.keys(unique), 10, "ok")
     assert p.sub.counters["undecodable"] == 1
+    # Oversized: dropped, and its topic resynced (an update was lost).
+    p.sub.max_message_size = 4096
+    await p.pub.send_event(row("big", unique, value="x" * 5000))
+    await p.pub.send_event(row("after", unique))
+    await poll(lambda: "after" in p.got.keys(unique), 10, "after")
+    assert "big" not in p.got.keys(unique) and p.sub.counters["oversized"] == 1
+    assert [(u.action, u.topic) for u in p.got.updates if u.is_control][-1] == (
+        "sync", unique)
 
 
 def topics_on(client, node, prefix, n):

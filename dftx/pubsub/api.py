@@ -28,6 +28,11 @@ from dftx.update import DBRESTART, SEND_ALL_TOPIC, SYNC, DbUpdate
 
 Callback = Callable[[DbUpdate], object]
 
+#: The largest message a subscriber accepts (bytes): the NB DB holds values
+#: of a few MiB at most.  A larger one is counted as C{oversized}, dropped,
+#: and its topic resynced (an update was lost).
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
 
 class IPubSub(Interface):
     """A pub/sub driver: makes publishers and subscribers."""
@@ -65,8 +70,8 @@ class ISubscriber(Interface):
     """Receives NB updates for the topics it registered."""
 
     counters = Attribute(
-        "A Counter of received, delivered, undecodable, gaps, duplicates, "
-        "filtered and callback_errors messages, and restarts.")
+        "A Counter of received, delivered, undecodable, oversized, gaps, "
+        "duplicates, filtered and callback_errors messages, and restarts.")
 
     def initialize(callback):
         """
@@ -145,9 +150,12 @@ class SubscriberBase:
     The driver calls L{_message} with each (topic, bytes) it receives and
     L{_restored} after it recovered a lost connection and resubscribed; the
     topic and address sets it keeps are L{topics} and L{addresses}.
+
+    @ivar max_message_size: see L{MAX_MESSAGE_SIZE}.
     """
 
     log = Logger()
+    max_message_size = MAX_MESSAGE_SIZE
 
     def __init__(self) -> None:
         self.topics: set[str] = set()
@@ -180,20 +188,31 @@ class SubscriberBase:
         if topic not in self.topics:
             self.counters["filtered"] += 1
             return
+        if len(data) > self.max_message_size:
+            self.counters["oversized"] += 1
+            self._warn_once(peer, "dropping a message of {size} bytes on {topic!r} (more "
+                            "than {limit}); resync", size=len(data), topic=topic,
+                            limit=self.max_message_size)
+            self._call(DbUpdate.control(SYNC, topic))
+            return
         try:
             update = decode(data, peer)
         except ProtocolError as e:
             self.counters["undecodable"] += 1
-            if peer not in self._bad_peers:
-                self._bad_peers.add(peer)
-                self.log.warn("dropping undecodable message on {topic!r}: {error}",
-                              topic=topic, error=e)
+            self._warn_once(peer, "dropping undecodable message on {topic!r}: {error}",
+                            topic=topic, error=e)
             return
         if update.publisher is not None and update.seq is not None:
             if not self._in_sequence(update.publisher, topic, update.seq):
                 return
         self.counters["delivered"] += 1
         self._call(update)
+
+    def _warn_once(self, peer: str | None, message: str, **fields: object) -> None:
+        """Log bad input once per peer (a flood must not flood the log)."""
+        if peer not in self._bad_peers:
+            self._bad_peers.add(peer)
+            self.log.warn(message, **fields)
 
     def _in_sequence(self, publisher: str, topic: str, seq: int) -> bool:
         """
