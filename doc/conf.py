@@ -25,6 +25,10 @@ exclude_patterns = ["_build", "_ext", "examples", "Thumbs.db", ".DS_Store"]
 myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence"]
 
+# Keep ' and " as typed: the pages quote code, keys and JSON, and the
+# configuration reference must read exactly like dftx/config.py's help text.
+smartquotes = False
+
 html_theme = "alabaster"
 html_static_path = []
 html_show_sourcelink = False
