@@ -358,12 +358,12 @@ def parse(content: str, path: str = "<string>", role: str | None = None) -> Conf
         raise ConfigError(path, f"line {e.lineno}: section appears twice", e.section) from None
     except configparser.MissingSectionHeaderError as e:
         raise ConfigError(
-            path, f"line {e.lineno}: {e.line.strip()!r} comes before any [section]"
+            path, f"line {e.lineno}: {_shown(e.line)} comes before any [section]"
         ) from None
     except configparser.ParsingError as e:
         lineno = e.errors[0][0]
         line = content.splitlines()[lineno - 1].strip()
-        raise ConfigError(path, f"line {lineno}: cannot parse {line!r}") from None
+        raise ConfigError(path, f"line {lineno}: cannot parse {_shown(line)}") from None
 
     for section in ini.sections():
         if section not in SECTIONS:
@@ -377,6 +377,15 @@ def parse(content: str, path: str = "<string>", role: str | None = None) -> Conf
     config = Config(path=path, role=role, **settings)
     _check_together(config)
     return config
+
+
+def _shown(line: str) -> str:
+    """A line quoted in an error, unless it may hold a secret (a password)."""
+    line = line.strip()
+    lowered = line.lower()
+    if any(word in lowered for word in ("pass", "secret", "key")):
+        return "(a line that may hold a secret: not shown)"
+    return repr(line)
 
 
 def _section(path: str, ini: configparser.ConfigParser, name: str, cls: type,

@@ -280,6 +280,17 @@ def test_config_errors_name_file_section_key_and_never_quote_the_secret(tmp_path
         dfconfig.load(path, NEUTRON_SERVER)
 
 
+def test_a_malformed_line_with_a_password_is_not_quoted(tmp_path):
+    for text in (f"[df_redis]\npassword {PASSWORD}\n", f"password = {PASSWORD}\n"):
+        path = write(tmp_path / "bad.ini", text)
+        with pytest.raises(ConfigError) as info:
+            dfconfig.load(path, NEUTRON_SERVER)
+        assert str(info.value).startswith(f"{path}: line ") and PASSWORD not in str(info.value)
+    path = write(tmp_path / "bad.ini", "[df]\nnb_db_driver\n")
+    with pytest.raises(ConfigError, match="cannot parse 'nb_db_driver'"):
+        dfconfig.load(path, NEUTRON_SERVER)
+
+
 def test_http_and_publishers_default_to_loopback():
     cfg = dfconfig.parse("[df]\nnb_db_driver = memory\n[df_local_controller]\n"
                          "chassis_name = c1\n")

@@ -245,6 +245,7 @@ class ZapHandler:
         self._names = itertools.count(1)
         self.socket = ZmqSocket(zmq.ROUTER, "ZAP handler", on_message=self._request)
         self.socket.bind(ZAP_ENDPOINT)
+        self.socket._wake()  # the fd is edge-triggered: look once anyway
 
     def register(self, allowed: Iterable[bytes], name: str = "dftx") -> str:
         """
