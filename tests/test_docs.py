@@ -92,7 +92,7 @@ async def _vm_port(server, name, iface_id):
                        "external_ids:attached-mac=fa:16:3e:00:00:01")
 
 
-@pytest.mark.parametrize("driver", ["redis", "zmq"])
+@pytest.mark.parametrize("driver", ["redis", "redis_sharded", "zmq"])
 @aio
 async def test_embedding_example_runs_against_real_servers(redis_cluster, ovsdb_server,
                                                            unique, driver):
