@@ -85,6 +85,16 @@ def test_config_reference_lists_every_key_of_config_py(built):
     assert set(rows) == expected  # and nothing that is no longer there
 
 
+def test_operator_guide_sample_configuration_loads_for_both_roles():
+    text = (DOC / "operator.md").read_text(encoding="utf-8")
+    section = text[text.index("## A configuration file"):]
+    sample = re.search(r"```ini\n(.*?)```", section, re.S).group(1)
+    for role in config.ROLES:
+        loaded = config.parse(sample, "doc/operator.md", role)
+        assert loaded.df_local_controller.chassis_name == "compute1"
+        assert loaded.df_redis.wait_replicas == 1
+
+
 async def _vm_port(server, name, iface_id):
     await server.vsctl("--may-exist", "add-br", "br-int")
     await server.vsctl("add-port", "br-int", name, "--", "set", "Interface", name,
