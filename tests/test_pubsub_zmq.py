@@ -393,3 +393,30 @@ async def test_publisher_restarted_at_the_same_address_gives_dbrestart():
     finally:
         await sub.close()
         await pub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oversized_frame_is_refused_and_the_subscriber_resyncs():
+    raw_pub = ZmqSocket(zmq.PUB, "raw PUB")
+    uri = raw_pub.bind(ANY_PORT)
+    sub = ZmqPubSub().get_subscriber()
+    sub.max_message_size = 10_000  # before initialize: it sets ZMQ_MAXMSGSIZE
+    got = Received()
+    await sub.register_listen_address(uri)
+    await sub.initialize(got)
+    seq = iter(range(1, 1000))
+
+    async def sent(key, value="{}"):
+        frames = [b"D", encode(row(key, value=value), publisher="raw", seq=next(seq))]
+        await raw_pub.send_frames(frames)
+        return key in got.keys()
+    try:
+        await poll(lambda: sent("before"), 10, "joined")
+        await sent("big", value="x" * 20_000)
+        await poll(lambda: sent("after"), 10, "delivered after the oversized frame")
+        assert "big" not in got.keys()
+        assert sub.counters["restarts"] == 1  # the connection ZeroMQ dropped came back
+        assert "dbrestart" in [u.action for u in got.updates if u.is_control]
+    finally:
+        await raw_pub.close(0)
+        await sub.close()

@@ -36,6 +36,11 @@ can still be lost of an acknowledged message: PUB messages for subscribers
 that are not connected or are C{hwm} behind (by design; they resync), and
 PUSH messages the relay did not take within C{linger} after close.
 
+Oversized input: a SUB socket (and the relay's PULL) refuses any frame above
+C{max_message_size} (ZMQ_MAXMSGSIZE) before reading it into memory: ZeroMQ
+drops that connection and reconnects, and the subscriber, seeing the
+reconnection, resyncs as after any lost connection (C{dbrestart}).
+
 CURVE (L{dftx.pubsub.curve}): with C{curve} settings, a PUB socket (and a
 relay's PULL socket on tcp) is a CURVE server that accepts only the client
 keys in C{curve.allowed}, checked by the process's ZAP handler; a
@@ -67,9 +72,13 @@ from dftx.pubsub import curve as _curve
 from dftx.pubsub.curve import CurveSettings
 from dftx.errors import ProtocolError, PublishError, SubscribeError
 from dftx.pubsub.api import (
-    Callback, IPubSub, IPublisher, ISubscriber, PublisherBase, SubscriberBase,
+    MAX_MESSAGE_SIZE, Callback, IPubSub, IPublisher, ISubscriber, PublisherBase, SubscriberBase,
 )
 from dftx.update import SEND_ALL_TOPIC, SYNC, DbUpdate
+
+RECONNECT_CHECK = 1.0
+"""Seconds after a lost connection before a subscriber connects again
+itself, if ZeroMQ has not."""
 
 DEFAULT_HWM = 100_000
 """ZeroMQ high-water mark (messages) of every socket, per peer."""
@@ -429,6 +438,7 @@ class ZmqSubscriber(SubscriberBase):
         self._set_callback(callback)
         self.topics.add(SEND_ALL_TOPIC)
         self._socket = ZmqSocket(zmq.SUB, "zmq SUB", self._hwm, on_message=self._frames)
+        self._socket.socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
         if self.curve is not None:
             _curve.apply_client(self._socket.socket, self.curve.keys)
         watch = f"inproc://dftx-sub-monitor-{id(self._socket)}"
@@ -482,6 +492,12 @@ class ZmqSubscriber(SubscriberBase):
             if endpoint in self._joined:
                 self._lost.add(endpoint)
                 self.log.info("disconnected from publisher {uri}", uri=endpoint)
+                # ZeroMQ reconnects after a lost connection, but not after
+                # it refused the peer's input (a frame above ZMQ_MAXMSGSIZE,
+                # a ZMTP error): then connect again here.
+                from twisted.internet import reactor
+
+                reactor.callLater(RECONNECT_CHECK, self._reconnect_if_lost, endpoint)
         elif endpoint in self._lost:
             self._lost.discard(endpoint)
             self.log.info("reconnected to publisher {uri}: resync", uri=endpoint)
@@ -492,6 +508,18 @@ class ZmqSubscriber(SubscriberBase):
             self._joined.add(endpoint)
             self.counters["joins"] += 1
             self._call(DbUpdate.control(SYNC))
+
+    def _reconnect_if_lost(self, uri: str) -> None:
+        if self._socket is None or uri not in self._lost or uri not in self.addresses:
+            return
+        try:
+            self._socket.disconnect(uri)
+        except zmq.ZMQError:
+            pass  # ZeroMQ already forgot it
+        try:
+            self._connect(uri)
+        except zmq.ZMQError as e:
+            self.log.warn("reconnecting to publisher {uri} failed: {error}", uri=uri, error=e)
 
     def register_topic(self, topic: str) -> defer.Deferred[None]:
         if topic not in self.topics:
@@ -596,6 +624,7 @@ class ZmqRelay:
         """Bind the PULL socket; @raise PublishError: when it cannot."""
         sock = ZmqSocket(zmq.PULL, f"zmq PULL {self.address}", self._hwm,
                          on_message=self._frames)
+        sock.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_SIZE)
         ipc = self.address.startswith("ipc://")
         try:
             if self.curve is not None and not ipc:
