@@ -118,13 +118,12 @@ async def get(args: argparse.Namespace, out: Any) -> None:
 def _pubsub(cfg: dfconfig.Config, relay: bool) -> Any:
     from dftx import pubsub
 
-    if cfg.df.pub_sub_driver != "zmq":
-        return pubsub.from_config(cfg)
-    from dftx.pubsub.zmq import ZmqPubSub
+    if relay and cfg.df.pub_sub_driver == "zmq":
+        from dftx.pubsub.zmq import ZmqPubSub
 
-    if relay:  # ipc: protected by the file's permissions, no CURVE
+        # ipc: protected by the file's permissions, no CURVE
         return ZmqPubSub(relay=f"ipc://{cfg.neutron_server.publisher_multiproc_socket}")
-    return ZmqPubSub.from_config(cfg)
+    return pubsub.from_config(cfg)
 
 
 async def publish(args: argparse.Namespace, out: Any) -> None:

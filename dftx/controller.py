@@ -54,7 +54,7 @@ from dftx.errors import DftxError
 from dftx.ha import HA_TOPIC, topology_from_update
 from dftx.http import Metric
 from dftx.nb import NbApi, db_from_config
-from dftx.publisher import advertised_uri, curve_status, pubsub_from_config, zmq_address
+from dftx.publisher import advertised_uri, curve_status, zmq_address
 from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
 from dftx.update import DBRESTART, DbUpdate
 
@@ -155,7 +155,7 @@ class ControllerService(runner.RoleService):
         await self.db.initialize()
         self.missing = "publisher not bound"
         bind = zmq_address(lc.publisher_bind_address, lc.publisher_port)
-        self.publisher = pubsub_from_config(cfg, bind=bind).get_publisher()
+        self.publisher = pubsub.from_config(cfg, bind=bind).get_publisher()
         await self.publisher.initialize()
         self.nb = NbApi(self.db, self.publisher)
         self.missing = "not registered"
@@ -168,7 +168,7 @@ class ControllerService(runner.RoleService):
         self.registration.startService()
         await self.registration.started
         self.missing = "not subscribed"
-        self.subscriber = pubsub_from_config(cfg).get_subscriber()
+        self.subscriber = pubsub.from_config(cfg).get_subscriber()
         for topic in sorted(self.mirror.topics | {HA_TOPIC}):
             await self.subscriber.register_topic(topic)
         await self.subscriber.initialize(self._received)

@@ -50,7 +50,7 @@ from dftx.ha import ClusterWatcher
 from dftx.http import Metric
 from dftx.nb import NbApi, db_from_config
 from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
-from dftx.pubsub.zmq import ZmqPubSub, ZmqPublisher, ZmqRelay
+from dftx.pubsub.zmq import ZmqPublisher, ZmqRelay
 from dftx.update import DbUpdate
 
 log = Logger()
@@ -70,13 +70,6 @@ def advertised_uri(bind_address: str, port: int, management_ip: str) -> str:
     """
     host = management_ip if bind_address in ("0.0.0.0", "::") else bind_address
     return zmq_address(host, port)
-
-
-def pubsub_from_config(cfg: dfconfig.Config, bind: str | None = None) -> Any:
-    """L{pubsub.from_config}, with the CURVE settings of [df] for ZeroMQ."""
-    if cfg.df.pub_sub_driver == "zmq":
-        return ZmqPubSub.from_config(cfg, bind=bind)
-    return pubsub.from_config(cfg, bind=bind)
 
 
 def curve_status(publisher: Any) -> dict[str, Any] | None:
@@ -125,7 +118,7 @@ class PublisherService(runner.RoleService):
         await self.db.initialize()
         self.missing = "publisher not bound"
         bind = zmq_address(ns.publisher_bind_address, ns.publisher_port)
-        self.publisher = pubsub_from_config(cfg, bind=bind).get_publisher()
+        self.publisher = pubsub.from_config(cfg, bind=bind).get_publisher()
         await self.publisher.initialize()
         if isinstance(self.publisher, ZmqPublisher) and ns.pub_sub_use_multiproc:
             path = ns.publisher_multiproc_socket
@@ -143,7 +136,7 @@ class PublisherService(runner.RoleService):
         self.registration.startService()
         await self.registration.started
         self.missing = "not subscribed"
-        self.subscriber = pubsub_from_config(cfg).get_subscriber()
+        self.subscriber = pubsub.from_config(cfg).get_subscriber()
         await self.subscriber.register_topic("D")
         await self.subscriber.initialize(self._received)
         if pubsub.needs_discovery(cfg):

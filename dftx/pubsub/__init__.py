@@ -13,14 +13,14 @@ def from_config(config: Any, bind: str | None = None) -> Any:
     """
     The pub/sub manager that [df] pub_sub_driver names: C{zmq} gives a
     L{dftx.pubsub.zmq.ZmqPubSub} whose publishers bind C{bind} (None: it
-    makes subscribers only); C{redis} and C{redis_sharded} give a
-    L{dftx.pubsub.redis.RedisPubSub} on [df] remote_db_hosts ([df_redis]
-    settings), for which C{bind} means nothing.
+    makes subscribers only), with the [df] CURVE settings; C{redis} and
+    C{redis_sharded} give a L{dftx.pubsub.redis.RedisPubSub} on [df]
+    remote_db_hosts ([df_redis] settings), for which C{bind} means nothing.
     """
     if config.df.pub_sub_driver == "zmq":
         from dftx.pubsub.zmq import ZmqPubSub
 
-        return ZmqPubSub(bind=bind)
+        return ZmqPubSub.from_config(config, bind=bind)
     from dftx.pubsub.redis import RedisPubSub
 
     return RedisPubSub.from_config(config)
