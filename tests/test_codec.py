@@ -1,5 +1,7 @@
 """dftx.codec: round trips, Dragonflow interoperability, and garbage."""
 
+import time
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -85,3 +87,59 @@ def test_unencodable_value_is_a_protocol_error_and_packer_recovers():
         encode(DbUpdate("t", "k", "set", object()))
     u = DbUpdate("t", "k", "set", "v")
     assert decode(encode(u)) == u
+
+
+def test_every_truncation_of_a_message_is_a_protocol_error():
+    data = encode(DbUpdate("lport", "k", "create", '{"id": "k"}', "t1"), publisher="p", seq=7)
+    for end in range(len(data)):
+        with pytest.raises(ProtocolError):
+            decode(data[:end])
+
+
+@pytest.mark.parametrize("data", [
+    b"\x91" * 1_000_000 + b"\xc0",  # a list nested a million deep
+    b"\xdf\xff\xff\xff\xff",  # a map that claims 4 billion entries
+    b"\xdb\xff\xff\xff\xff" + b"x" * 10,  # a string that claims 4 GiB
+    b"\xdd\xff\xff\xff\xff",  # a list that claims 4 billion items
+], ids=["deep", "map32", "str32", "array32"])
+def test_hostile_shapes_fail_fast(data):
+    start = time.perf_counter()
+    with pytest.raises(ProtocolError):
+        decode(data)
+    assert time.perf_counter() - start < 0.5
+
+
+wire_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | text
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=500)
+@given(st.dictionaries(
+    st.sampled_from(["table", "key", "action", "value", "topic", "publisher", "seq", "x"]),
+    wire_values))
+def test_maps_of_any_shape_decode_or_raise_protocol_error(fields):
+    try:
+        update = decode(msgpack.packb(fields))
+    except ProtocolError:
+        return
+    assert isinstance(update, DbUpdate) and update.table == fields["table"]
+
+
+def _decode_seconds(data: bytes) -> float:
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        decode(data)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_decoding_time_is_linear_in_the_size():
+    small = encode(DbUpdate("t", "k", "set", "x" * 1_000_000))
+    large = encode(DbUpdate("t", "k", "set", "x" * 8_000_000))
+    # 8x the bytes: linear is ~8x; the bound leaves room for a loaded machine
+    # and is far below quadratic (~64x).
+    assert _decode_seconds(large) < 30 * _decode_seconds(small) + 0.01
