@@ -129,6 +129,26 @@ def names(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def table_names(value: str) -> tuple[str, ...]:
+    """L{names} that are valid NB table names (L{dftx.db.api.check_table})."""
+    from dftx.db.api import check_table
+
+    tables = names(value)
+    for table in tables:
+        check_table(table)
+    return tables
+
+
+def topic_names(value: str) -> tuple[str, ...]:
+    """L{names} that are valid topics (L{dftx.db.api.check_topic})."""
+    from dftx.db.api import check_topic
+
+    topics = names(value)
+    for topic in topics:
+        check_topic(topic)
+    return topics
+
+
 def host_port(text: str) -> str:
     """C{host:port} or C{[v6]:port}; returned as given, stripped."""
     host, sep, port = text.rpartition(":")
@@ -283,11 +303,11 @@ class LocalControllerSettings:
         "tcp:127.0.0.1:6640", client_endpoint,
         "The local ovsdb-server to monitor.", "Twisted client endpoint string")
     tables: tuple[str, ...] = option(
-        ("lport", "lswitch", "lrouter", "secgroup", "chassis"), names,
+        ("lport", "lswitch", "lrouter", "secgroup", "chassis"), table_names,
         "NB tables cached locally; updates for other tables are ignored.",
         "comma-separated names")
     topics: tuple[str, ...] = option(
-        (), names,
+        (), topic_names,
         "Tenant topics to subscribe to beyond \"D\" (more can be added at run time).",
         "comma-separated names")
     db_sync_time: float = option(

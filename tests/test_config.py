@@ -196,3 +196,33 @@ def test_every_option_is_documented():
     for cls in config.SECTIONS.values():
         for f in dataclasses.fields(cls):
             assert f.metadata["help"] and f.metadata["type"], f.name
+
+
+BAD_VALUES = ["", "-1", "0", "999999", "maybe", "1e999", "nan", "x" * 300, "\u00e9\u00e9:\u00e9",
+              "tcp:", "/nonexistent/file", "127.0.0.1:99999", "a,,b", "[df]", "a.b,{c}"]
+# Keys whose value is free text (a name, a user, a path the service makes).
+FREE_TEXT = {("df_redis", "username"), ("df_redis", "password"),
+             ("neutron_server", "publisher_multiproc_socket")}
+
+
+@pytest.mark.parametrize("section, key", [
+    (section, f.name) for section, cls in config.SECTIONS.items()
+    for f in dataclasses.fields(cls)])
+def test_every_key_refuses_bad_values_with_a_config_error(tmp_path, section, key):
+    """Whatever the value, loading either works or raises ConfigError naming
+    the file, a section and a key; every key but free text refuses some."""
+    role = section if section in config.ROLES else config.LOCAL_CONTROLLER
+    refused = 0
+    for i, value in enumerate(BAD_VALUES):
+        sections = {"df": {"remote_db_hosts": "127.0.0.1:7000"},
+                    "df_local_controller": {"chassis_name": "c1"}}
+        sections.setdefault(section, {})[key] = value
+        path = write(tmp_path, "".join(
+            f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in kv.items())
+            for s, kv in sections.items()), name=f"bad{i}.ini")
+        try:
+            config.load(path, role)
+        except ConfigError as e:
+            refused += 1
+            assert e.path == path and e.section and e.key and path in str(e)
+    assert refused or (section, key) in FREE_TEXT, f"[{section}] {key} took every bad value"

@@ -33,13 +33,25 @@ def check_names(table: str, key: str | None = None, topic: str | None = None) ->
     @raise InvalidNameError: for an empty or non-text name, a table with
         C{.}, C{{} or C{}}, or a topic with a brace.
     """
-    _check_text("table", table, _TABLE_RESERVED)
+    check_table(table)
     if key is not None:
         _check_text("key", key, frozenset())
     if not topic:
         return None
-    _check_text("topic", topic, _TOPIC_RESERVED)
+    check_topic(topic)
     return topic
+
+
+def check_table(table: str) -> None:
+    """@raise InvalidNameError: for an empty or non-text table name, or one
+    with C{.}, C{{} or C{}}."""
+    _check_text("table", table, _TABLE_RESERVED)
+
+
+def check_topic(topic: str) -> None:
+    """@raise InvalidNameError: for an empty or non-text topic, or one with a
+    brace."""
+    _check_text("topic", topic, _TOPIC_RESERVED)
 
 
 def check_value(value: str) -> None:
