@@ -120,10 +120,12 @@ class Faulted:
         await self.load.acked_more(100)
         return self
 
-    async def recovered(self, fault: str, min_resyncs: int = 1) -> float:
+    async def recovered(self, fault: str, min_resyncs: int | list[int] = 1) -> float:
         """
         Let writes go on after the fault (100 more acknowledged: about a
-        second), stop them, then wait for the invariant.
+        second), stop them, then wait for the invariant.  Each controller
+        must have resynced C{min_resyncs} times since the start (a list:
+        per controller).
 
         @return: seconds from the fault's end to the invariant.
         """
@@ -133,8 +135,10 @@ class Faulted:
         t1 = time.monotonic()
         await poll(self.invariant_holds, RECOVERY, f"invariant after {fault}")
         took = time.monotonic() - t0
-        for controller, before in zip(self.d.controllers, self.resyncs_before):
-            assert await resyncs(controller) >= before + min_resyncs, controller.dir
+        if isinstance(min_resyncs, int):
+            min_resyncs = [min_resyncs] * len(self.d.controllers)
+        for controller, before, n in zip(self.d.controllers, self.resyncs_before, min_resyncs):
+            assert await resyncs(controller) >= before + n, controller.dir
         print(f"\n{fault}: {len(self.load.acked)} writes acknowledged, "
               f"{len(self.load.failed)} refused, longest write outage "
               f"{self.load.outage:.2f}s, {self.load.rewrites} re-writes by the hook; "
@@ -309,7 +313,8 @@ async def test_controller_kill_9_and_restart(faulted):
     await f.load.acked_more(100)  # writes it misses
     await controller.start()
     f.resyncs_before[0] = 0  # a new process: its initial load is a resync
-    await f.recovered("dfcontroller kill -9 and restart")
+    # The other controller had nothing to resync for.
+    await f.recovered("dfcontroller kill -9 and restart", min_resyncs=[1, 0])
 
 
 @aio

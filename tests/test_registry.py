@@ -6,12 +6,12 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from dftx.config import LOCAL_CONTROLLER, NEUTRON_SERVER
 from dftx.db.memory import MemoryDbDriver
 from dftx.db.redis import RedisDbDriver
-from dftx.errors import ProtocolError
+from dftx.errors import DBConnectionError, ProtocolError
 from dftx.pubsub.registry import (
     PUBLISHER_TABLE, Discovery, PublisherRow, Registration, other_role, read_rows,
     remove_stale,
@@ -168,6 +168,51 @@ async def test_discovery_observe_acts_at_once():
     assert disc.connected == {"tcp://127.0.0.1:7109"}
     await disc.stopService()
     await sub.close()
+
+
+class Outage(MemoryDbDriver):
+    """A memory NB DB that can be made unreachable, and lose everything."""
+
+    down = False
+
+    def get_all_entries(self, table, topic=None):
+        if self.down:
+            return defer.fail(DBConnectionError("127.0.0.1:7000", "connection refused"))
+        return super().get_all_entries(table, topic)
+
+
+@pytest_twisted.ensureDeferred
+async def test_discovery_judges_no_row_stale_on_time_the_table_was_unreadable():
+    db, clock = Outage(), task.Clock()
+    clock.advance(1000)
+    await put(db, "n1", "tcp://127.0.0.1:7001", NEUTRON_SERVER, 1000)
+    sub = ZmqPubSub().get_subscriber()
+    await sub.initialize(Received())
+    disc = Discovery(db, sub, LOCAL_CONTROLLER, timeout=30, interval=5, clock=clock)
+    try:
+        disc.startService()
+        await disc.ready
+        assert disc.connected == {"tcp://127.0.0.1:7001"}
+        # The database is down for a minute, then back, empty: the row was
+        # refreshed last at 1000, twice the timeout ago.
+        db.down = True
+        clock.pump([5] * 12)
+        await db.delete_table(T)
+        db.down = False
+        clock.advance(5)  # 1065: readable again
+        assert disc.connected == {"tcp://127.0.0.1:7001"}
+        clock.advance(10)  # within timeout/3 + interval of 1065
+        assert disc.connected == {"tcp://127.0.0.1:7001"}
+        await put(db, "n1", "tcp://127.0.0.1:7001", NEUTRON_SERVER, 1075)  # refreshed
+        clock.pump([5] * 4)
+        assert disc.connected == {"tcp://127.0.0.1:7001"}
+        # A publisher that really is gone goes once the grace is over.
+        await db.delete_table(T)
+        clock.pump([5] * 7)  # 1110: 35 s since its last refresh
+        assert disc.connected == set()
+    finally:
+        await disc.stopService()
+        await sub.close()
 
 
 @pytest_twisted.ensureDeferred

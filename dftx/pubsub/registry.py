@@ -15,8 +15,11 @@ stale.  A row that left the table unannounced counts as stale only once its
 last timestamp is: when the database loses rows (a failover, every node
 restarted without persistence), subscribers stay connected to publishers
 that are alive, which re-write their rows within C{timeout / 3}, and so
-still get the C{dbrestart} those publishers send.  Between reads, two things make it react sooner: a
-publisher announces its own row's creation and deletion as a L{DbUpdate} of
+still get the C{dbrestart} those publishers send.  Nor are rows judged
+stale on time the table could not be read: for C{timeout / 3} plus one
+C{interval} after reads work again, connections are kept, so that a live
+publisher, which could not write its row either, has the time to refresh
+it.  Between reads, two things make it react sooner: a publisher announces its own row's creation and deletion as a L{DbUpdate} of
 table C{publisher} on C{"D"} (so its subscribers drop it at once on a clean
 stop), and the owner of the subscriber passes every update it receives to
 L{Discovery.observe}, which acts on those and re-reads the table on a
@@ -265,6 +268,10 @@ class Discovery(service.Service):
         self.ready: defer.Deferred[None] = defer.Deferred()
         self._loop: task.LoopingCall | None = None
         self._waiters: list[defer.Deferred[None]] = []
+        # After reads failed: when they work again (rows are not judged
+        # stale before a live publisher could refresh its row).
+        self._readable_since: float | None = None
+        self._unreadable = False
 
     def startService(self) -> None:
         super().startService()
@@ -303,24 +310,34 @@ class Discovery(service.Service):
         try:
             rows = await read_rows(self.db)
         except DftxError as e:
+            self._unreadable = True
             log.warn("reading table {table} failed: {error}", table=PUBLISHER_TABLE, error=e)
             return
+        if self._unreadable:
+            self._unreadable = False
+            self._readable_since = self.clock.seconds()
         read = {r.id: r for r in rows if r.role == self.follows}
         # A row gone from the table without its publisher announcing it (the
         # database lost it: a failover, a restart without persistence) is
         # kept until it goes stale; a live publisher writes it again sooner.
-        now = self.clock.seconds()
-        kept = {i: r for i, r in self.rows.items()
-                if i not in read and not r.stale(now, self.timeout)}
+        kept = {i: r for i, r in self.rows.items() if i not in read and not self._expired(r)}
         self.rows = {**kept, **read}
         await self._sync(self._live())
 
     def _live(self) -> dict[str, str | None]:
         """uri -> CURVE key of the live rows (the newest row of a uri wins)."""
-        now = self.clock.seconds()
-        live = sorted((r for r in self.rows.values() if not r.stale(now, self.timeout)),
+        live = sorted((r for r in self.rows.values() if not self._expired(r)),
                       key=lambda r: r.last_activity_timestamp)
         return {r.uri: r.curve_public_key for r in live}
+
+    def _expired(self, row: PublisherRow) -> bool:
+        """Stale, unless reads only just work again and it is connected."""
+        now = self.clock.seconds()
+        if not row.stale(now, self.timeout):
+            return False
+        grace = (self._readable_since is not None
+                 and now - self._readable_since < self.timeout / 3 + self.interval)
+        return not (grace and row.uri in self.connected)
 
     async def _sync(self, wanted: dict[str, str | None]) -> None:
         for uri in sorted(self.connected):
