@@ -33,21 +33,3 @@ html_theme = "alabaster"
 html_static_path = []
 html_show_sourcelink = False
 
-
-# Pages that other changes are adding: index.md's toctree names them, and
-# the entry is dropped while the file does not exist (a toctree entry for a
-# missing page is a warning; a page in no toctree is one too).
-OPTIONAL_PAGES = ("reliability", "security")
-
-
-def _drop_missing_optional_pages(app, docname, source):
-    if docname != root_doc:
-        return
-    for page in OPTIONAL_PAGES:
-        if not os.path.exists(os.path.join(app.srcdir, f"{page}.md")):
-            source[0] = "\n".join(
-                line for line in source[0].split("\n") if line.strip() != page)
-
-
-def setup(app):
-    app.connect("source-read", _drop_missing_optional_pages)
