@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from twisted.internet import endpoints
 
+from dftx.db.api import check_table, check_topic
 from dftx.errors import ConfigError
 
 NEUTRON_SERVER = "neutron_server"
@@ -129,24 +130,14 @@ def names(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
-def table_names(value: str) -> tuple[str, ...]:
-    """L{names} that are valid NB table names (L{dftx.db.api.check_table})."""
-    from dftx.db.api import check_table
-
-    tables = names(value)
-    for table in tables:
-        check_table(table)
-    return tables
-
-
-def topic_names(value: str) -> tuple[str, ...]:
-    """L{names} that are valid topics (L{dftx.db.api.check_topic})."""
-    from dftx.db.api import check_topic
-
-    topics = names(value)
-    for topic in topics:
-        check_topic(topic)
-    return topics
+def checked_names(check: Callable[[str], None]) -> Parser:
+    """L{names}, each of which C{check} accepts (it raises ValueError)."""
+    def parse(value: str) -> tuple[str, ...]:
+        items = names(value)
+        for item in items:
+            check(item)
+        return items
+    return parse
 
 
 def host_port(text: str) -> str:
@@ -303,11 +294,11 @@ class LocalControllerSettings:
         "tcp:127.0.0.1:6640", client_endpoint,
         "The local ovsdb-server to monitor.", "Twisted client endpoint string")
     tables: tuple[str, ...] = option(
-        ("lport", "lswitch", "lrouter", "secgroup", "chassis"), table_names,
+        ("lport", "lswitch", "lrouter", "secgroup", "chassis"), checked_names(check_table),
         "NB tables cached locally; updates for other tables are ignored.",
         "comma-separated names")
     topics: tuple[str, ...] = option(
-        (), topic_names,
+        (), checked_names(check_topic),
         "Tenant topics to subscribe to beyond \"D\" (more can be added at run time).",
         "comma-separated names")
     db_sync_time: float = option(
