@@ -73,6 +73,8 @@ def dftx_subscribers(uri: str, subs: int, count: int) -> None:
 
     def callback(i):
         def on_update(update):
+            if update.is_control:  # a sync on joining the relay: not an update
+                return
             if update.topic == WARM:
                 if not warm[i]:
                     warm[i] = True
