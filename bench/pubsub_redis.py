@@ -3,6 +3,7 @@ Redis pub/sub end to end, dftx against redis.asyncio, in one run:
 
     .venv/bin/python bench/pubsub_redis.py [--count 20000] [--window 1000] [--rounds 3]
                            [--latency-count 2000] [--cost-count 200000] [--cost-replicas 1]
+                           [--markdown FILE]
 
 1. On one Redis Cluster of 3 masters (no replicas): one publisher process
    sends N DbUpdates of ~500 bytes (encoded) on one channel to one
@@ -36,6 +37,8 @@ import json
 import os
 import sys
 import time
+
+from _common import table, write_markdown
 
 CHANNEL = "bench"
 PAD = "x" * 380
@@ -336,6 +339,35 @@ async def compare(args: argparse.Namespace) -> None:
         (c3, r3), (c6, r6) = costs[3][mode], costs[6][mode]
         print(f"  {mode:8}  3 masters {c3:6.1f} us {r3:9,.0f}/s   6 masters {c6:6.1f} us "
               f"{r6:9,.0f}/s   CPU growth {c6 / c3:4.2f}x")
+    write_markdown(args.markdown, markdown(results, latency, costs))
+
+
+def markdown(results: dict, latency: dict, costs: dict) -> dict[str, str]:
+    """The three tables of doc/performance.md's Redis pub/sub section."""
+    names = {"dftx": "dftx `RedisPubSub`", "peer": "redis.asyncio"}
+    modes = {False: "classic", True: "sharded"}
+    end_to_end, one = [], []
+    for sharded, mode in modes.items():
+        for system in ("dftx", "peer"):
+            r = results[system, sharded]
+            ratio = r["rate"] / results["peer", sharded]["rate"]
+            end_to_end.append([f"{names[system]} {mode}", f"{r['rate']:,.0f}",
+                               f"{r['p50']:.2f}", f"{r['p99']:.2f}", f"{ratio:.2f}x"])
+            r = latency[system, sharded]
+            one.append([f"{system.replace('peer', 'redis.asyncio')} {mode}",
+                        f"{r['p50']:.3f}", f"{r['p99']:.3f}"])
+    cost = []
+    for mode, command in (("classic", "PUBLISH"), ("sharded", "SPUBLISH")):
+        (c3, r3), (c6, r6) = costs[3][mode], costs[6][mode]
+        cost.append([f"{mode} (`{command}`)", f"{c3:.1f} µs", f"{c6:.1f} µs",
+                     f"{c6 / c3:.2f}x", f"{r3:,.0f}", f"{r6:,.0f}"])
+    return {
+        "pubsub_redis.end_to_end": table(["end to end (3 masters)", "delivered msgs/s", "p50 ms",
+                                          "p99 ms", "vs redis.asyncio"], end_to_end),
+        "pubsub_redis.latency": table(["one message at a time", "p50 ms", "p99 ms"], one),
+        "pubsub_redis.cost": table(["mode", "redis CPU per message, 3 masters", "6 masters",
+                                    "growth", "publisher msgs/s, 3 masters", "6 masters"], cost),
+    }
 
 
 def main() -> None:
@@ -347,6 +379,7 @@ def main() -> None:
     parser.add_argument("--cost-replicas", type=int, default=1)
     parser.add_argument("--cost-count", type=int, default=200_000,
                         help="messages for the CPU cost (CPU time is counted in 10 ms ticks)")
+    parser.add_argument("--markdown", help="also write the tables to this file (bench markers)")
     parser.add_argument("--role")
     parser.add_argument("--seeds")
     parser.add_argument("--sharded", action="store_true")
