@@ -3,7 +3,7 @@ Time to the end of the initial sync of the Interface table: dftx's
 InterfaceMonitor against the `ovs` package's Python IDL, in one run on the
 same ovsdb-server.
 
-    .venv/bin/python bench/ovsdb_monitor.py [--interfaces 5000] [--rounds 5]
+    .venv/bin/python bench/ovsdb_monitor.py [--interfaces 5000] [--rounds 5] [--markdown FILE]
 
 One ovsdb-server (dftx.servers.OvsdbServer) gets a bridge and N VM
 interfaces (iface-id, attached-mac, an option) in one transaction.  Each
@@ -28,6 +28,8 @@ import json
 import statistics
 import sys
 import time
+
+from _common import table, write_markdown
 
 COLUMNS = ["name", "type", "external_ids", "options", "ofport", "admin_state", "mac_in_use"]
 SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
@@ -89,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--interfaces", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--markdown", help="also write the tables to this file (bench markers)")
     parser.add_argument("--role", choices=["dftx", "idl"])
     parser.add_argument("--remote")
     parser.add_argument("--expected", type=int)
@@ -138,10 +141,27 @@ async def compare(args: argparse.Namespace) -> None:
         print(f"  {name:24} {median[role] * 1000:8.1f} ms   rounds: {rounds}")
     print(f"  dftx / IDL time ratio    {median['dftx'] / median['idl']:8.2f}   (target <= 0.50)")
     print(f"    without schema load    {median['dftx'] / median['idl-no-schema']:8.2f}")
-    split_throughput(reply)
+    split = split_throughput(reply)
+    names = {"dftx": "dftx `InterfaceMonitor`", "idl": "ovs Python IDL",
+             "idl-no-schema": "ovs Python IDL without its schema load"}
+    write_markdown(args.markdown, {
+        "ovsdb_monitor.sync": table(
+            [f"client ({expected:,} interfaces)", f"median of {args.rounds}", "rounds",
+             "ratio"],
+            [[names[role], f"{median[role] * 1000:.1f} ms",
+              " / ".join(f"{x * 1000:.0f}" for x in times[role]) + " ms",
+              ratio] for role, ratio in (
+                ("dftx", f"{median['dftx'] / median['idl']:.2f}x"), ("idl", "1.00x"),
+                ("idl-no-schema", f"({median['dftx'] / median['idl-no-schema']:.2f}x)"))]),
+        "ovsdb_monitor.split": table(
+            ["", "4 KB chunks", "64 KB chunks"],
+            [["split + parse", *(f"{split[c]:.1f} ms/MB" for c in (4096, 65536))],
+             ["of which `json.loads`", *(f"{split['loads']:.1f} ms/MB",) * 2]]),
+    })
 
 
-def split_throughput(reply: bytes) -> None:
+def split_throughput(reply: bytes) -> dict:
+    """ms/MB of json.loads ("loads") and of JsonSplitter per chunk size."""
     from dftx.ovsdb.jsonrpc import JsonSplitter
 
     def best(run) -> float:
@@ -161,10 +181,12 @@ def split_throughput(reply: bytes) -> None:
 
     loads = best(lambda: json.loads(reply))
     print(f"one {len(reply) / 1e6:.1f} MB reply: json.loads {loads:.1f} ms/MB")
+    out = {"loads": loads}
     for chunk in (4096, 65536):
-        total = best(lambda: feed(chunk))
+        total = out[chunk] = best(lambda: feed(chunk))
         print(f"  JsonSplitter, {chunk // 1024:2d} KB chunks {total:6.1f} ms/MB "
               f"(split {total - loads:.1f} + parse)")
+    return out
 
 
 if __name__ == "__main__":
