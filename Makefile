@@ -8,7 +8,7 @@ APT_PACKAGES = redis-server redis-tools openvswitch-common openvswitch-switch
 NEEDED = /usr/bin/redis-server /usr/bin/redis-cli /usr/sbin/ovsdb-server \
          /usr/bin/ovs-vsctl /usr/share/openvswitch/vswitch.ovsschema
 
-.PHONY: test soak sandbox docs system-deps venv clean
+.PHONY: test soak sandbox docs bench system-deps venv clean
 
 test: system-deps venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -26,6 +26,17 @@ sandbox: system-deps venv
 # The documentation (Sphinx + MyST) as HTML in doc/_build/html; a warning fails.
 docs: venv
 	$(VENV)/bin/python -m sphinx -W --keep-going -b html doc doc/_build/html
+
+# Every bench/ script with its default arguments (tens of minutes on 2 cores);
+# each one's tables are rewritten in doc/performance.md, with the machine and
+# the command (bench/update_doc.py).  BENCHES=scale runs only that one.
+BENCHES ?= redis_kv pubsub_redis pubsub_zmq ovsdb_monitor controller scale
+bench: system-deps $(VENV)/.bench-installed
+	for b in $(BENCHES); do $(VENV)/bin/python bench/update_doc.py $$b || exit 1; done
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
+	touch $@
 
 system-deps:
 	@missing=""; for f in $(NEEDED); do [ -e $$f ] || missing="$$missing $$f"; done; \
