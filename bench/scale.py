@@ -86,7 +86,8 @@ def subscribers(transport: str, where: str, n: int) -> None:
 
     from dftx.pubsub.zmq import factory
 
-    factory().context.set(zmq.MAX_SOCKETS, 8 * n + 64)  # 2 sockets per subscriber
+    # Each subscriber: its SUB socket and a monitor pair (libzmq allows 1,023 by default).
+    factory().context.set(zmq.MAX_SOCKETS, 8 * n + 64)
     driver = pubsub(transport, where)
     subs: list = []
     got = [0] * n
