@@ -147,9 +147,21 @@ class Faulted:
         return took
 
     async def invariant_holds(self) -> bool:
+        """True when it holds; otherwise AssertionError saying what differs
+        (the poll's timeout error shows the last one)."""
         db = await self.d.db_table(TABLE)
         lost = [k for k, (_, v) in self.load.acked.items() if db.get(k) != json.loads(v)]
-        return not lost and await self.d.converged(TABLE)
+        assert not lost, (f"{len(lost)} acknowledged writes not in the DB, e.g. {lost[:3]}; "
+                          f"hook re-writes {self.load.rewrites}, watcher {dict(self.watcher.counters)}")
+        for controller in self.d.controllers:
+            cache = await controller.json(f"/v1/tables/{TABLE}")
+            missing, extra = set(db) - set(cache), set(cache) - set(db)
+            changed = [k for k in set(db) & set(cache) if db[k] != cache[k]]
+            assert not (missing or extra or changed), (
+                f"{controller.dir.name}: {len(missing)} rows missing (e.g. {sorted(missing)[:3]}), "
+                f"{len(extra)} extra, {len(changed)} differ; hook re-writes {self.load.rewrites}, "
+                f"watcher {dict(self.watcher.counters)}")
+        return True
 
     async def stop(self) -> None:
         await self.load.stop()
