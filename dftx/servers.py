@@ -353,6 +353,7 @@ class ClusterNode:
     flags: set[str]
     master_id: str | None
     connected: bool
+    config_epoch: int = 0
     slots: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -362,6 +363,28 @@ class ClusterNode:
     @property
     def failed(self) -> bool:
         return bool(self.flags & {"fail", "fail?", "noaddr"})
+
+
+def _own_slot_marks(text: str, arrow: str) -> list[tuple[int, str]]:
+    """The C{[slot-<-id]} (C{arrow} "-<-") or C{[slot->-id]} ("->-") marks
+    on the C{myself} line of CLUSTER NODES output, as (slot, node id)."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 8 and "myself" in parts[2].split(","):
+            return [
+                (int(slot), peer)
+                for spec in parts[8:] if spec.startswith("[") and arrow in spec
+                for slot, peer in [spec.strip("[]").split(arrow)]
+            ]
+    return []
+
+
+def _importing(text: str) -> list[tuple[int, str]]:
+    return _own_slot_marks(text, "-<-")
+
+
+def _migrating(text: str) -> list[tuple[int, str]]:
+    return _own_slot_marks(text, "->-")
 
 
 def parse_cluster_nodes(text: str) -> list[ClusterNode]:
@@ -384,6 +407,7 @@ def parse_cluster_nodes(text: str) -> list[ClusterNode]:
                 flags=set(parts[2].split(",")),
                 master_id=None if parts[3] == "-" else parts[3],
                 connected=parts[7] == "connected",
+                config_epoch=int(parts[6]),
                 slots=slots,
             )
         )
@@ -549,7 +573,49 @@ class RedisCluster:
         for n in self.nodes:
             if not n.running:
                 await n.start()
+        await self._clear_stale_imports()
         await self.wait_healthy(timeout)
+
+    async def _clear_stale_imports(self) -> None:
+        """
+        A master killed and started again loads the keys of its last RDB
+        file, which can hold keys of a slot that has since been migrated
+        away.  Redis then marks that slot IMPORTING on the node, and a node
+        importing a slot ignores every claim on it: when the slot's new
+        owner changed while the node was down, the node never learns it and
+        the cluster is never healthy again.  Where no migration into the node
+        is going on, close the import and let the node claim the slot at its
+        old config epoch: the owner, whose epoch is newer, answers with an
+        UPDATE message, on which Redis takes the slot away from the node and
+        deletes the node's stale keys in it.  (Where the owner's epoch is not
+        newer, claiming would steal the slot: the node is told the owner
+        instead and keeps its stale keys, which no client is routed to.)
+        """
+        for n in self.nodes:
+            if not n.running or n.paused or not await self._role_is(n, "master"):
+                continue
+            view = await n.cli("CLUSTER", "NODES", timeout=3)
+            me = next(c for c in parse_cluster_nodes(view) if "myself" in c.flags)
+            for slot, _source in _importing(view):
+                owner = await self._owner_by_others(slot, n)
+                if owner is not None and (slot, me.node_id) in _migrating(
+                    await self.node(owner.address).cli("CLUSTER", "NODES", timeout=3)
+                ):
+                    continue
+                await n.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+                claim = me if owner is None or owner.config_epoch > me.config_epoch else owner
+                await n.cli("CLUSTER", "SETSLOT", str(slot), "NODE", claim.node_id)
+
+    async def _owner_by_others(self, slot: int, node: RedisServer) -> ClusterNode | None:
+        """The master that serves C{slot} in the view of a node other than C{node}."""
+        for other in self.nodes:
+            if other is node or not other.running or other.paused:
+                continue
+            for c in parse_cluster_nodes(await other.cli("CLUSTER", "NODES", timeout=3)):
+                if c.is_master and any(lo <= slot <= hi for lo, hi in c.slots):
+                    return c
+            return None
+        return None
 
     async def failover(self, replica: RedisServer, mode: str = "", timeout: float = 30.0) -> None:
         """

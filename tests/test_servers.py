@@ -106,6 +106,37 @@ async def test_migration_in_progress_answers_ask(redis_cluster, unique):
 
 
 @pytest_twisted.ensureDeferred
+async def test_restart_with_keys_of_a_slot_migrated_away_is_repaired(redis_cluster, unique):
+    # A master restarted with an RDB file older than a migration out of it
+    # marks the slot IMPORTING, and a node importing a slot ignores every
+    # claim on it: when the slot's new owner failed over while the node was
+    # down, the node never learns the new owner and the cluster is never
+    # healthy again unless the repair closes the stale import.
+    key = "{" + unique + "}k"
+    slot = await redis_cluster.keyslot(key)
+    src = await redis_cluster.owner(slot)
+    await src.cli("SET", key, "old")
+    await src.cli("SAVE")
+    dst = next(m for m in await redis_cluster.masters() if m is not src)
+    await redis_cluster.migrate_slot(slot, dst)
+    await dst.cli("SET", key, "new")
+    [src_replica] = await redis_cluster.replicas_of(src)
+    [dst_replica] = await redis_cluster.replicas_of(dst)
+    await src_replica.cli("CONFIG", "SET", "cluster-replica-no-failover", "yes")
+    try:
+        await src.kill()
+        await redis_cluster.failover(dst_replica)
+        await src.start()
+        assert f"[{slot}-<-" in await src.cli("CLUSTER", "NODES")
+    finally:
+        await src_replica.cli("CONFIG", "SET", "cluster-replica-no-failover", "no")
+    await redis_cluster.repair(timeout=30)
+    assert await redis_cluster.owner(slot) is dst_replica
+    assert await dst_replica.cli("GET", key) == "new"
+    assert await src.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot)) == "0"
+
+
+@pytest_twisted.ensureDeferred
 async def test_single_node_kill_and_restart(redis_single):
     assert (await redis_single.info("server"))["redis_mode"] == "standalone"
     await redis_single.kill()
