@@ -160,7 +160,8 @@ class Faulted:
             assert not (missing or extra or changed), (
                 f"{controller.dir.name}: {len(missing)} rows missing (e.g. {sorted(missing)[:3]}), "
                 f"{len(extra)} extra, {len(changed)} differ; hook re-writes {self.load.rewrites}, "
-                f"watcher {dict(self.watcher.counters)}")
+                f"watcher {dict(self.watcher.counters)}; controller "
+                f"{(await controller.json('/v1/status'))['counters']}")
         return True
 
     async def stop(self) -> None:
