@@ -355,6 +355,14 @@ class ClusterNode:
     connected: bool
     config_epoch: int = 0
     slots: list[tuple[int, int]] = field(default_factory=list)
+    # (slot, node id) of the [slot-<-id] and [slot->-id] marks, which only
+    # a node's own line (flag myself) carries.
+    importing: list[tuple[int, str]] = field(default_factory=list)
+    migrating: list[tuple[int, str]] = field(default_factory=list)
+
+    def serves(self, slot: int) -> bool:
+        """Whether C{slot} is in this node's slot ranges."""
+        return any(lo <= slot <= hi for lo, hi in self.slots)
 
     @property
     def is_master(self) -> bool:
@@ -365,38 +373,19 @@ class ClusterNode:
         return bool(self.flags & {"fail", "fail?", "noaddr"})
 
 
-def _own_slot_marks(text: str, arrow: str) -> list[tuple[int, str]]:
-    """The C{[slot-<-id]} (C{arrow} "-<-") or C{[slot->-id]} ("->-") marks
-    on the C{myself} line of CLUSTER NODES output, as (slot, node id)."""
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 8 and "myself" in parts[2].split(","):
-            return [
-                (int(slot), peer)
-                for spec in parts[8:] if spec.startswith("[") and arrow in spec
-                for slot, peer in [spec.strip("[]").split(arrow)]
-            ]
-    return []
-
-
-def _importing(text: str) -> list[tuple[int, str]]:
-    return _own_slot_marks(text, "-<-")
-
-
-def _migrating(text: str) -> list[tuple[int, str]]:
-    return _own_slot_marks(text, "->-")
-
-
 def parse_cluster_nodes(text: str) -> list[ClusterNode]:
-    """Parse the output of CLUSTER NODES (importing/migrating marks skipped)."""
+    """Parse the output of CLUSTER NODES."""
     nodes = []
     for line in text.splitlines():
         parts = line.split()
         if len(parts) < 8:
             continue
-        slots = []
+        slots, importing, migrating = [], [], []
         for spec in parts[8:]:
             if spec.startswith("["):
+                marks, arrow = (importing, "-<-") if "-<-" in spec else (migrating, "->-")
+                slot, _, peer = spec.strip("[]").partition(arrow)
+                marks.append((int(slot), peer))
                 continue
             lo, _, hi = spec.partition("-")
             slots.append((int(lo), int(hi or lo)))
@@ -409,6 +398,8 @@ def parse_cluster_nodes(text: str) -> list[ClusterNode]:
                 connected=parts[7] == "connected",
                 config_epoch=int(parts[6]),
                 slots=slots,
+                importing=importing,
+                migrating=migrating,
             )
         )
     return nodes
@@ -469,11 +460,12 @@ class RedisCluster:
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    async def cluster_nodes(self) -> list[ClusterNode]:
-        """CLUSTER NODES as seen by the first running node that answers."""
+    async def cluster_nodes(self, exclude: RedisServer | None = None) -> list[ClusterNode]:
+        """CLUSTER NODES as seen by the first running node that answers
+        (other than C{exclude})."""
         last: Exception | None = None
         for n in self.nodes:
-            if n.running and not n.paused:
+            if n.running and not n.paused and n is not exclude:
                 try:
                     return parse_cluster_nodes(
                         await n.cli("CLUSTER", "NODES", timeout=3)
@@ -503,11 +495,13 @@ class RedisCluster:
     async def owner(self, slot: int) -> RedisServer:
         """The master that serves C{slot}."""
         for c in await self.cluster_nodes():
-            if c.is_master and not c.failed and any(
-                lo <= slot <= hi for lo, hi in c.slots
-            ):
+            if c.is_master and not c.failed and c.serves(slot):
                 return self.node(c.address)
         raise KeyError(f"no master serves slot {slot}")
+
+    async def other_master(self, node: RedisServer) -> RedisServer:
+        """A master other than C{node}."""
+        return next(m for m in await self.masters() if m is not node)
 
     async def keyslot(self, key: str) -> int:
         """The slot of C{key}, as Redis computes it (CLUSTER KEYSLOT)."""
@@ -594,28 +588,29 @@ class RedisCluster:
         for n in self.nodes:
             if not n.running or n.paused or not await self._role_is(n, "master"):
                 continue
-            view = await n.cli("CLUSTER", "NODES", timeout=3)
-            me = next(c for c in parse_cluster_nodes(view) if "myself" in c.flags)
-            for slot, _source in _importing(view):
+            me = await self._myself(n)
+            for slot, _source in me.importing:
                 owner = await self._owner_by_others(slot, n)
-                if owner is not None and (slot, me.node_id) in _migrating(
-                    await self.node(owner.address).cli("CLUSTER", "NODES", timeout=3)
-                ):
+                if owner is not None and (slot, me.node_id) in (
+                    await self._myself(self.node(owner.address))
+                ).migrating:
                     continue
                 await n.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
                 claim = me if owner is None or owner.config_epoch > me.config_epoch else owner
                 await n.cli("CLUSTER", "SETSLOT", str(slot), "NODE", claim.node_id)
 
+    async def _myself(self, node: RedisServer) -> ClusterNode:
+        """C{node}'s own line of its CLUSTER NODES."""
+        view = parse_cluster_nodes(await node.cli("CLUSTER", "NODES", timeout=3))
+        return next(c for c in view if "myself" in c.flags)
+
     async def _owner_by_others(self, slot: int, node: RedisServer) -> ClusterNode | None:
         """The master that serves C{slot} in the view of a node other than C{node}."""
-        for other in self.nodes:
-            if other is node or not other.running or other.paused:
-                continue
-            for c in parse_cluster_nodes(await other.cli("CLUSTER", "NODES", timeout=3)):
-                if c.is_master and any(lo <= slot <= hi for lo, hi in c.slots):
-                    return c
+        try:
+            view = await self.cluster_nodes(exclude=node)
+        except RuntimeError:
             return None
-        return None
+        return next((c for c in view if c.is_master and c.serves(slot)), None)
 
     async def failover(self, replica: RedisServer, mode: str = "", timeout: float = 30.0) -> None:
         """

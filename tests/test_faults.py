@@ -291,7 +291,7 @@ async def test_slot_migration(faulted):
     cluster = f.d.cluster
     slot = key_slot("{%s.%s}" % (TABLE, f.topics[0]))
     src = await cluster.owner(slot)
-    dst = next(m for m in await cluster.masters() if m is not src)
+    dst = await cluster.other_master(src)
     await cluster.migrate_slot(slot, dst)
     assert await cluster.owner(slot) is dst
     await f.recovered("slot migration")

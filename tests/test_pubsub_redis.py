@@ -153,7 +153,7 @@ async def test_sharded_slot_migrated_under_a_live_subscriber(redis_cluster, pair
     p = await pair_factory(True, unique)
     slot = key_slot(unique)
     src = await redis_cluster.owner(slot)
-    dst = next(m for m in await redis_cluster.masters() if m is not src)
+    dst = await redis_cluster.other_master(src)
     await p.pub.send_event(row("before", unique))
     await poll(lambda: "before" in p.got.keys(unique), 10, "before")
     await redis_cluster.migrate_slot(slot, dst)
@@ -379,7 +379,7 @@ async def test_sharded_sends_keep_their_order_while_the_slot_moves(redis_cluster
     watcher = await pair_factory(True, unique)
     slot = key_slot(unique)
     src = await redis_cluster.owner(slot)
-    dst = next(m for m in await redis_cluster.masters() if m is not src)
+    dst = await redis_cluster.other_master(src)
     sends = []
 
     def burst():

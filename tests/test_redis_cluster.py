@@ -29,10 +29,6 @@ async def client(redis_cluster):
     await c.close()
 
 
-async def other_master(cluster, node):
-    return next(m for m in await cluster.masters() if m is not node)
-
-
 class Workload:
     """
     C{writers} loops that SET keys of one slot (and of random slots) until
@@ -113,7 +109,7 @@ async def test_single_node_is_one_shard(redis_single, unique):
 async def test_moved_after_slot_migrated_mid_workload(redis_cluster, client, unique):
     slot = key_slot("{" + unique + "}")
     src = await redis_cluster.owner(slot)
-    dst = await other_master(redis_cluster, src)
+    dst = await redis_cluster.other_master(src)
     changes = []
     client.on_topology_changed(lambda old, new: changes.append(old.moved_slots(new)))
     work = Workload(client, unique)
@@ -139,7 +135,7 @@ async def test_burst_of_moved_makes_one_refresh(redis_cluster, client, unique):
     slot = key_slot(key)
     await client.execute("SET", key, "v", slot=slot)
     src = await redis_cluster.owner(slot)
-    await redis_cluster.migrate_slot(slot, await other_master(redis_cluster, src))
+    await redis_cluster.migrate_slot(slot, await redis_cluster.other_master(src))
     before = client.stats["refreshes"]
     values = await gather(client.execute("GET", key, slot=slot) for _ in range(1000))
     assert values == [b"v"] * 1000
@@ -155,7 +151,7 @@ async def test_ask_during_migration_in_progress(redis_cluster, client, unique):
     await client.execute("SET", moved, "1", slot=slot)
     await client.execute("SET", stays, "2", slot=slot)
     src = await redis_cluster.owner(slot)
-    dst = await other_master(redis_cluster, src)
+    dst = await redis_cluster.other_master(src)
     await redis_cluster.begin_migration(slot, dst)
     await redis_cluster.move_keys(slot, src, dst, keys=[moved])
 

@@ -81,7 +81,7 @@ async def test_migrate_slot_moves_keys(redis_cluster, unique):
     slot = await redis_cluster.keyslot(key)
     src = await redis_cluster.owner(slot)
     await src.cli("SET", key, "v1")
-    dst = next(m for m in await redis_cluster.masters() if m is not src)
+    dst = await redis_cluster.other_master(src)
     await redis_cluster.migrate_slot(slot, dst)
     assert await redis_cluster.owner(slot) is dst
     assert await dst.cli("GET", key) == "v1"
@@ -96,7 +96,7 @@ async def test_migration_in_progress_answers_ask(redis_cluster, unique):
     src = await redis_cluster.owner(slot)
     await src.cli("SET", a, "1")
     await src.cli("SET", b, "2")
-    dst = next(m for m in await redis_cluster.masters() if m is not src)
+    dst = await redis_cluster.other_master(src)
     src = await redis_cluster.begin_migration(slot, dst)
     assert await redis_cluster.move_keys(slot, src, dst, keys=[a]) == 1
     assert (await src.cli("GET", a)).startswith(f"ASK {slot} {dst.address}")
@@ -117,7 +117,7 @@ async def test_restart_with_keys_of_a_slot_migrated_away_is_repaired(redis_clust
     src = await redis_cluster.owner(slot)
     await src.cli("SET", key, "old")
     await src.cli("SAVE")
-    dst = next(m for m in await redis_cluster.masters() if m is not src)
+    dst = await redis_cluster.other_master(src)
     await redis_cluster.migrate_slot(slot, dst)
     await dst.cli("SET", key, "new")
     [src_replica] = await redis_cluster.replicas_of(src)
