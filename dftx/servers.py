@@ -247,8 +247,12 @@ class ChildProcess(protocol.ProcessProtocol):
 
 class RedisServer:
     """
-    One redis-server on 127.0.0.1, without persistence.  With C{cluster}, it
-    is a cluster-enabled node that keeps its node id (nodes.conf) across
+    One redis-server on 127.0.0.1, without persistence: no RDB snapshots,
+    no AOF, and a replica deletes the RDB file of each full sync once it
+    has loaded it (otherwise it keeps it as dump.rdb and loads it when
+    started again, bringing back keys long deleted).  Only an explicit
+    SAVE leaves data for a restart.  With C{cluster}, it is a
+    cluster-enabled node that keeps its node id (nodes.conf) across
     L{restart}.
     """
 
@@ -271,6 +275,7 @@ class RedisServer:
             "--dir", str(self.dir),
             "--save", "",
             "--appendonly", "no",
+            "--rdb-del-sync-files", "yes",
             "--daemonize", "no",
             "--protected-mode", "no",
         ]

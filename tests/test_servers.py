@@ -53,6 +53,13 @@ async def test_kill_master_fails_over_and_restart_rejoins(redis_cluster, unique)
     await redis_cluster.wait_healthy(30)
     assert (await master.info("replication"))["role"] == "slave"
     assert master in await redis_cluster.replicas_of(replica)
+    # It had a full sync and kept no file of it to load at its next start.
+    await poll(lambda: _link_up(master), 10, "replication link up")
+    assert not (master.dir / "dump.rdb").exists()
+
+
+async def _link_up(node):
+    return (await node.info("replication"))["master_link_status"] == "up"
 
 
 @pytest_twisted.ensureDeferred
@@ -130,6 +137,7 @@ async def test_restart_with_keys_of_a_slot_migrated_away_is_repaired(redis_clust
         assert f"[{slot}-<-" in await src.cli("CLUSTER", "NODES")
     finally:
         await src_replica.cli("CONFIG", "SET", "cluster-replica-no-failover", "no")
+        (src.dir / "dump.rdb").unlink(missing_ok=True)  # the later tests' restarts start empty
     await redis_cluster.repair(timeout=30)
     assert await redis_cluster.owner(slot) is dst_replica
     assert await dst_replica.cli("GET", key) == "new"
