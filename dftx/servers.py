@@ -577,8 +577,8 @@ class RedisCluster:
 
     async def _clear_stale_imports(self) -> None:
         """
-        A master killed and started again loads the keys of its last RDB
-        file, which can hold keys of a slot that has since been migrated
+        A master killed and started again after a SAVE loads the keys of
+        that RDB file, which can hold keys of a slot that has since been migrated
         away.  Redis then marks that slot IMPORTING on the node, and a node
         importing a slot ignores every claim on it: when the slot's new
         owner changed while the node was down, the node never learns it and
