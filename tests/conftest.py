@@ -12,6 +12,7 @@ Fixtures that give tests real servers (see L{dftx.servers}).
   C{extra_args=} for more ovsdb-server options.
 - C{pki}: a CA, a server certificate (localhost, 127.0.0.1) and a client
   certificate, as PEM files, for the session.
+- C{unhandled}: the failures logged (twisted.logger) while the test runs.
 
 Session fixtures run their Deferreds with C{pytest_twisted.blockon}; the
 per-test ones are async fixtures.
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer
+from twisted.logger import globalLogPublisher
 
 from dftx.servers import OvsdbServer, RedisCluster, RedisServer
 
@@ -94,6 +96,20 @@ async def make_ovsdb_server(tmp_path):
 @pytest_twisted.async_yield_fixture
 async def ovsdb_server(make_ovsdb_server):
     yield await make_ovsdb_server()
+
+
+@pytest.fixture
+def unhandled():
+    """Errors logged as failures while the test runs."""
+    failures = []
+
+    def observer(event):
+        if event.get("log_failure") is not None:
+            failures.append(event["log_failure"])
+
+    globalLogPublisher.addObserver(observer)
+    yield failures
+    globalLogPublisher.removeObserver(observer)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import pytest_twisted
 from twisted.internet import defer, endpoints, reactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.protocols import portforward
 from twisted.python.failure import Failure
 
@@ -498,20 +497,6 @@ class FakeOvsdb:
         before = self.attempts
         self.reactor.advance(seconds)
         return self.attempts > before
-
-
-@pytest.fixture
-def unhandled():
-    """Errors logged as failures while the test runs."""
-    failures = []
-
-    def observer(event):
-        if event.get("log_failure") is not None:
-            failures.append(event["log_failure"])
-
-    globalLogPublisher.addObserver(observer)
-    yield failures
-    globalLogPublisher.removeObserver(observer)
 
 
 @pytest.mark.parametrize("known", ["monitor", "monitor_cond"])

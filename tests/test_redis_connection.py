@@ -16,11 +16,24 @@ from dftx.servers import poll
 aio = pytest_twisted.ensureDeferred
 
 
-def connect(server):
+def connect(server, **kw):
+    kw.setdefault("timeout", 2)
     return NodeConnection(
         server.address, NodeEndpoints([server.address], reactor).endpoint(server.address),
-        reactor, timeout=2,
+        reactor, **kw,
     )
+
+
+async def auth_refusals(server, user):
+    """How many AUTHs as C{user} the server refused (its ACL LOG)."""
+    entries: list[dict[str, str]] = []
+    lines = (await server.cli("ACL", "LOG", "128")).splitlines()
+    for key, value in zip(lines[::2], lines[1::2]):
+        if key == "count":
+            entries.append({})
+        entries[-1][key] = value
+    return sum(int(e["count"]) for e in entries
+               if e.get("reason") == "auth" and e.get("username") == user)
 
 
 @aio
@@ -91,3 +104,49 @@ async def test_close_fails_what_was_never_sent(redis_single):
     with pytest.raises(NodeUnreachable) as info:
         await queued
     assert "closed" in str(info.value)
+
+
+@aio
+async def test_a_refused_auth_is_retried_with_a_growing_backoff(redis_single, unique, unhandled):
+    user = f"u{unique}"
+    await redis_single.cli("ACL", "SETUSER", user, "on", ">pw-1", "~*", "+@all")
+    conn = connect(redis_single, username=user, password="wrong-pw", max_backoff=1.0)
+    try:
+        before = await auth_refusals(redis_single, user)
+        with pytest.raises(NodeUnreachable) as info:
+            await conn.execute("PING")
+        assert "WRONGPASS" in str(info.value) and "wrong-pw" not in str(info.value)
+        # The server accepts every connection and refuses every AUTH: the
+        # retries still back off (0.05 s doubling to 1 s), and not at the
+        # first delay each time as ClientService's own count would have it.
+        started = reactor.seconds()
+        await poll(lambda: _refused(redis_single, user, before + 7), 10, "7 refused AUTHs")
+        assert reactor.seconds() - started > 1.5
+        assert not conn.connected
+        # The password is made right: the next attempt works.
+        await redis_single.cli("ACL", "SETUSER", user, ">wrong-pw")
+        await poll(lambda: conn.connected, 5, "connected with the right password")
+        assert await conn.execute("ACL", "WHOAMI") == user.encode()
+    finally:
+        await conn.close()
+        await redis_single.cli("ACL", "DELUSER", user)
+    assert unhandled == []
+
+
+async def _refused(server, user, n):
+    return await auth_refusals(server, user) >= n
+
+
+@aio
+async def test_a_connection_lost_during_auth(redis_single, unhandled):
+    redis_single.pause()  # the kernel still accepts connections; AUTH gets no reply
+    conn = connect(redis_single, password="pw", timeout=0.3)
+    try:
+        with pytest.raises(NodeUnreachable) as info:
+            await conn.execute("PING")
+        assert "AUTH: no reply within 0.3s" in str(info.value)
+        assert not conn.connected
+    finally:
+        redis_single.resume()
+        await conn.close()
+    assert unhandled == []

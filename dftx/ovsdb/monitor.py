@@ -38,11 +38,11 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from dftx.errors import DBConnectionError, DftxError, OvsdbError, ProtocolError
 from dftx.ovsdb.jsonrpc import DEFAULT_MAX_MESSAGE, DEFAULT_PROBE_INTERVAL, JsonRpcProtocol
 from dftx.ovsdb.ports import OFFLINE, PortEvent, port_state, transition
+from dftx.reconnect import ReportingEndpoint, SessionBackoff
 from dftx.redis.endpoints import NodeEndpoints
 
 log = Logger()
@@ -134,23 +134,6 @@ def client_endpoint(reactor: Any, description: str, timeout: float = 5.0
     """
     nodes = NodeEndpoints([description], reactor, timeout=timeout)
     return nodes.endpoint(nodes.seeds[0])
-
-
-@implementer(IStreamClientEndpoint)
-class _ReportingEndpoint:
-    """An endpoint that reports each failed connection attempt."""
-
-    def __init__(self, endpoint: IStreamClientEndpoint,
-                 failed: Callable[[Failure], None]) -> None:
-        self._endpoint = endpoint
-        self._failed = failed
-
-    def connect(self, factory: protocol.Factory) -> defer.Deferred[Any]:
-        def failed(failure: Failure) -> Failure:
-            self._failed(failure)
-            return failure
-
-        return self._endpoint.connect(factory).addErrback(failed)
 
 
 class _MonitorProtocol(JsonRpcProtocol):
@@ -249,11 +232,12 @@ class InterfaceMonitor(service.Service):
         self._states: dict[str, PortEvent] = {}  # every row's fields, action ""
         self._methods = list(METHODS)
         self._connection: _MonitorProtocol | None = None
-        self._failures = 0  # connections in a row that ended before a sync
-        self._backoff = backoffPolicy(initialDelay=0.05, maxDelay=max_retry_delay, factor=2.0,
-                                      jitter=lambda: random.random() * 0.1)
-        self._endpoint = _ReportingEndpoint(client_endpoint(reactor, endpoint),
-                                            self._connect_failed)
+        # A connection that ended before its initial sync counts as failed.
+        self._retry = SessionBackoff(backoffPolicy(
+            initialDelay=0.05, maxDelay=max_retry_delay, factor=2.0,
+            jitter=lambda: random.random() * 0.1))
+        self._endpoint = ReportingEndpoint(client_endpoint(reactor, endpoint),
+                                           self._connect_failed)
         self._service: ClientService | None = None
 
     # --- life cycle -----------------------------------------------------------------
@@ -261,7 +245,7 @@ class InterfaceMonitor(service.Service):
     def startService(self) -> None:
         super().startService()
         factory = protocol.Factory.forProtocol(lambda: _MonitorProtocol(self))
-        self._service = ClientService(self._endpoint, factory, retryPolicy=self._retry_delay,
+        self._service = ClientService(self._endpoint, factory, retryPolicy=self._retry,
                                       clock=self.reactor)
         self._service.startService()
 
@@ -274,12 +258,6 @@ class InterfaceMonitor(service.Service):
             return defer.succeed(None)
         service, self._service = self._service, None
         return service.stopService()
-
-    def _retry_delay(self, attempt: int) -> float:
-        # ClientService counts failed connection attempts and starts again
-        # at each connection made; connections that ended before their
-        # initial sync count too.
-        return self._backoff(max(attempt, self._failures))
 
     def _connect_failed(self, failure: Failure) -> None:
         if self.running and not failure.check(defer.CancelledError):
@@ -321,7 +299,7 @@ class InterfaceMonitor(service.Service):
         except _BAD_DATA as e:
             raise self._bad_data(method, e) from None
         self.synced = True
-        self._failures = 0
+        self._retry.ready()
         self.counters["syncs"] += 1
         log.info("{endpoint}: {n} interfaces ({method})", endpoint=self.endpoint,
                  n=len(self.rows), method=method)
@@ -364,7 +342,7 @@ class InterfaceMonitor(service.Service):
         if not self._current(proto):
             return
         if not self.synced:
-            self._failures += 1
+            self._retry.failed()
         self.synced = False
         self._connection = None
         if self.running:

@@ -3,8 +3,8 @@ One reconnecting connection to one Redis node.
 
 L{NodeConnection} drives a L{RespProtocol} with Twisted's C{ClientService}:
 it connects (and AUTHs) when started, reconnects with exponential backoff
-whenever the connection is lost, and lets any number of commands be in
-flight at once.  Commands issued while a (re)connection attempt is under way
+whenever the connection is lost or AUTH is refused, and lets any number of
+commands be in flight at once.  Commands issued while a (re)connection attempt is under way
 wait for it; commands issued while the node is known to be down (its last
 attempt failed, the next is scheduled) fail at once with L{NodeUnreachable},
 so that a caller with its own retry policy (the cluster client) is never
@@ -22,10 +22,10 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from dftx.errors import ReplyError
 from dftx.deferreds import Shared
+from dftx.reconnect import ReportingEndpoint, SessionBackoff
 from dftx.redis.resp import NodeUnreachable, RespProtocol
 
 log = Logger()
@@ -59,7 +59,7 @@ class NodeConnection:
         self._timeout = timeout
         self._protocol_class = protocol_class
         self._proto: RespProtocol | None = None
-        self._built: RespProtocol | None = None  # the one being prepared
+        self._starting: RespProtocol | None = None  # connected, AUTH under way
         self._queue: list[tuple[bytes, int, defer.Deferred[Any]]] = []
         self._awaiting = False
         self._down: str | None = None  # why the last attempt failed
@@ -67,14 +67,15 @@ class NodeConnection:
         self._connected_listeners: list[Callable[[RespProtocol], object]] = []
         self._lost_listeners: list[Callable[["NodeConnection", Failure], object]] = []
         self._pending_wait: dict[int, Shared] = {}
+        # A connection whose AUTH was refused (or lost) counts as failed.
+        self._retry = SessionBackoff(backoffPolicy(
+            initialDelay=0.05, maxDelay=max_backoff, jitter=_jitter
+        ))
         self._service = ClientService(
-            _WatchedEndpoint(endpoint, self),
+            ReportingEndpoint(endpoint, self._attempt_failed, self._attempting),
             _Factory(self),
-            retryPolicy=backoffPolicy(
-                initialDelay=0.05, maxDelay=max_backoff, jitter=_jitter
-            ),
+            retryPolicy=self._retry,
             clock=reactor,
-            prepareConnection=self._prepare,
         )
         self._service.startService()
 
@@ -158,8 +159,8 @@ class NodeConnection:
         return d
 
     def _await_connection(self) -> None:
-        """Have the queue sent on the next connection (by L{_prepare}), or
-        failed when the next attempt fails."""
+        """Have the queue sent on the next connection (by L{_ready}), or
+        failed when the next attempt (or its AUTH) fails."""
         if self._queue and not self._awaiting and not self._closed:
             self._awaiting = True
             self._service.whenConnected(failAfterFailures=1).addCallbacks(
@@ -168,9 +169,10 @@ class NodeConnection:
 
     def _connect_done(self, proto: Any) -> None:
         self._awaiting = False
-        if self._queue:
+        if self._queue and self._starting is None:
             # The service still saw the connection we just lost: wait for
-            # the next one, once it has noticed.
+            # the next one, once it has noticed.  (While AUTH is under way,
+            # its outcome sends or fails the queue.)
             self._reactor.callLater(0, self._await_connection)
 
     def _connect_failed(self, reason: Failure) -> None:
@@ -192,34 +194,61 @@ class NodeConnection:
         return reason
 
     def _build(self) -> RespProtocol:
-        self._built = self._protocol_class(self.address, self._reactor, self._timeout)
-        return self._built
+        proto = self._protocol_class(self.address, self._reactor, self._timeout)
+        proto.notify_made(self._session)
+        return proto
 
-    async def _prepare(self, _proxy: Any) -> None:
-        # ClientService hands over a proxy of the protocol; use the protocol
-        # itself (the one just built), so commands skip the proxy.
-        proto, self._built = self._built, None
-        if proto is None:
-            raise RuntimeError("no protocol was built for this connection")
-        if self._password is not None:
-            args = ("AUTH", self._username, self._password) if self._username else (
-                "AUTH", self._password)
-            try:
-                reply = await proto.execute(*args)
-            except Exception as e:
-                self._down = f"AUTH: {e}"
-                raise
-            if isinstance(reply, ReplyError):
-                self._down = f"AUTH refused: {reply.message}"
-                proto.transport.abortConnection()
-                raise NodeUnreachable(self.address, self._down)
+    def _session(self, proto: RespProtocol) -> None:
+        """A connection was made: AUTH on it (when configured), then use it.
+        Run from the connection rather than as ClientService's
+        prepareConnection (see L{dftx.reconnect})."""
+        self._starting = proto
+        defer.ensureDeferred(self._authenticate(proto)).addCallbacks(
+            lambda _: self._ready(proto), lambda f: self._session_failed(proto, f)
+        )
+
+    async def _authenticate(self, proto: RespProtocol) -> None:
+        if self._password is None:
+            return
+        args = ("AUTH", self._username, self._password) if self._username else (
+            "AUTH", self._password)
+        try:
+            reply = await proto.execute(*args)
+        except Exception as e:
+            raise NodeUnreachable(self.address, f"AUTH: {getattr(e, 'reason', e)}") from None
+        if isinstance(reply, ReplyError):
+            raise NodeUnreachable(self.address, f"AUTH refused: {reply.message}")
+
+    def _session_failed(self, proto: RespProtocol, failure: Failure) -> None:
+        self._starting = None
+        self._retry.failed()
+        error = failure.value
+        self._down = error.reason if isinstance(error, NodeUnreachable) else str(error)
+        if not self._closed:
+            log.warn("Redis node {node}: {why}", node=self.address, why=self._down)
+        queue, self._queue = self._queue, []
+        for _, _, d in queue:
+            d.errback(NodeUnreachable(self.address, self._down))
+        if not proto.closed:
+            proto.transport.abortConnection()
+
+    def _ready(self, proto: RespProtocol) -> None:
+        self._starting = None
+        if self._closed:
+            proto.transport.abortConnection()
+            return
+        self._retry.ready()
         proto.notify_lost(self._lost)
         self._proto = proto
         queue, self._queue = self._queue, []
         for data, replies, d in queue:
             proto.execute_packed(data, replies).chainDeferred(d)
         for cb in list(self._connected_listeners):
-            cb(proto)
+            try:
+                cb(proto)
+            except Exception:
+                log.failure("on_connected listener {cb!r} of {node} failed",
+                            cb=cb, node=self.address)
 
     def _lost(self, proto: RespProtocol, reason: Failure) -> None:
         if self._proto is proto:
@@ -259,19 +288,6 @@ class NodeConnection:
 
 def _jitter() -> float:
     return random.uniform(0, 0.05)
-
-
-@implementer(IStreamClientEndpoint)
-class _WatchedEndpoint:
-    """Tells the connection when an attempt starts and when it fails."""
-
-    def __init__(self, endpoint: IStreamClientEndpoint, owner: NodeConnection) -> None:
-        self._endpoint = endpoint
-        self._owner = owner
-
-    def connect(self, factory: protocol.Factory) -> defer.Deferred[Any]:
-        self._owner._attempting()
-        return self._endpoint.connect(factory).addErrback(self._owner._attempt_failed)
 
 
 class _Factory(protocol.Factory):

@@ -56,6 +56,7 @@ class RespProtocol(protocol.Protocol):
         self._pending: deque[defer.Deferred[Any]] = deque()
         self._last_progress = 0.0
         self._watchdog: IDelayedCall | None = None
+        self._made_callbacks: list[Callable[["RespProtocol"], None]] = []
         self._lost_callbacks: list[Callable[["RespProtocol", Failure], None]] = []
         self.closed = False
 
@@ -96,6 +97,15 @@ class RespProtocol(protocol.Protocol):
     def in_flight(self) -> int:
         """Commands written and not yet answered."""
         return len(self._pending)
+
+    def notify_made(self, callback: Callable[["RespProtocol"], None]) -> None:
+        """Call C{callback(protocol)} once the connection is made."""
+        self._made_callbacks.append(callback)
+
+    def connectionMade(self) -> None:
+        callbacks, self._made_callbacks = self._made_callbacks, []
+        for cb in callbacks:
+            cb(self)
 
     def notify_lost(self, callback: Callable[["RespProtocol", Failure], None]) -> None:
         """Call C{callback(protocol, reason)} once the connection is gone."""
