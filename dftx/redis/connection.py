@@ -4,11 +4,11 @@ One reconnecting connection to one Redis node.
 L{NodeConnection} drives a L{RespProtocol} with Twisted's C{ClientService}:
 it connects (and AUTHs) when started, reconnects with exponential backoff
 whenever the connection is lost or AUTH is refused, and lets any number of
-commands be in flight at once.  Commands issued while a (re)connection attempt is under way
-wait for it; commands issued while the node is known to be down (its last
-attempt failed, the next is scheduled) fail at once with L{NodeUnreachable},
-so that a caller with its own retry policy (the cluster client) is never
-held up by the backoff.
+commands be in flight at once.  Commands issued while a (re)connection
+attempt is under way wait for it; commands issued while the node is known
+to be down (its last attempt failed, the next is scheduled) fail at once
+with L{NodeUnreachable}, so that a caller with its own retry policy (the
+cluster client) is never held up by the backoff.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class NodeConnection:
         self._timeout = timeout
         self._protocol_class = protocol_class
         self._proto: RespProtocol | None = None
-        self._starting: RespProtocol | None = None  # connected, AUTH under way
+        self._authenticating = False  # connected, AUTH under way
         self._queue: list[tuple[bytes, int, defer.Deferred[Any]]] = []
         self._awaiting = False
         self._down: str | None = None  # why the last attempt failed
@@ -169,7 +169,7 @@ class NodeConnection:
 
     def _connect_done(self, proto: Any) -> None:
         self._awaiting = False
-        if self._queue and self._starting is None:
+        if self._queue and not self._authenticating:
             # The service still saw the connection we just lost: wait for
             # the next one, once it has noticed.  (While AUTH is under way,
             # its outcome sends or fails the queue.)
@@ -202,7 +202,7 @@ class NodeConnection:
         """A connection was made: AUTH on it (when configured), then use it.
         Run from the connection rather than as ClientService's
         prepareConnection (see L{dftx.reconnect})."""
-        self._starting = proto
+        self._authenticating = True
         defer.ensureDeferred(self._authenticate(proto)).addCallbacks(
             lambda _: self._ready(proto), lambda f: self._session_failed(proto, f)
         )
@@ -220,7 +220,7 @@ class NodeConnection:
             raise NodeUnreachable(self.address, f"AUTH refused: {reply.message}")
 
     def _session_failed(self, proto: RespProtocol, failure: Failure) -> None:
-        self._starting = None
+        self._authenticating = False
         self._retry.failed()
         error = failure.value
         self._down = error.reason if isinstance(error, NodeUnreachable) else str(error)
@@ -233,7 +233,7 @@ class NodeConnection:
             proto.transport.abortConnection()
 
     def _ready(self, proto: RespProtocol) -> None:
-        self._starting = None
+        self._authenticating = False
         if self._closed:
             proto.transport.abortConnection()
             return
