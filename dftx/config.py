@@ -29,10 +29,8 @@ from twisted.internet import endpoints
 
 from dftx.db.api import check_table, check_topic
 from dftx.errors import ConfigError
+from dftx.update import LOCAL_CONTROLLER, NEUTRON_SERVER, ROLES
 
-NEUTRON_SERVER = "neutron_server"
-LOCAL_CONTROLLER = "df_local_controller"
-ROLES = (NEUTRON_SERVER, LOCAL_CONTROLLER)
 COMMON_SECTIONS = ("df", "df_redis")
 
 Parser = Callable[[str], Any]

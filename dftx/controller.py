@@ -56,12 +56,11 @@ from dftx.http import Metric
 from dftx.nb import NbApi, db_from_config
 from dftx.publisher import advertised_uri, curve_status, zmq_address
 from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
-from dftx.update import DBRESTART, DbUpdate
+from dftx.update import DBRESTART, PORT_STATUS_TABLE, DbUpdate
 
 log = Logger()
 
 CHASSIS_TABLE = "chassis"
-PORT_STATUS_TABLE = "port_status"
 
 
 class ControllerService(runner.RoleService):

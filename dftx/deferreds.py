@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Iterable
+import functools
+from typing import Any, Awaitable, Callable, Coroutine, Iterable, ParamSpec, TypeVar
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def deferred(f: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, defer.Deferred[T]]:
+    """
+    Make an C{async def} function (or method) return a Deferred: it fires with
+    what the coroutine returns, or fails with what it raises.  The coroutine
+    starts running at once, as with C{defer.ensureDeferred}.
+    """
+
+    @functools.wraps(f)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> defer.Deferred[T]:
+        return defer.ensureDeferred(f(*args, **kwargs))
+
+    return wrapper
 
 
 class Shared:

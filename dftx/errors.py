@@ -96,6 +96,34 @@ class DBConnectionError(DftxError, ConnectionError):
         super().__init__(f"{where}: {reason}")
 
 
+class ConnectionClosed(DBConnectionError):
+    """
+    The connection was lost (or timed out) after the command was written:
+    the node may or may not have executed it.
+    """
+
+
+class NodeUnreachable(DBConnectionError):
+    """
+    No connection to the node could be made; the command was never sent.
+    """
+
+
+class NotReplicated(DBConnectionError):
+    """
+    A write was executed by the master, but fewer replicas than asked
+    acknowledged it (Redis WAIT), or the connection was lost before they
+    could.
+
+    @ivar reply: the write's own reply (e.g. the old value from C{SET ...
+        GET}), for a caller that undoes the write.
+    """
+
+    def __init__(self, node: str | None, reason: str, slot: int | None, reply: object) -> None:
+        super().__init__(node, reason, slot)
+        self.reply = reply
+
+
 class ClusterDownError(DBConnectionError):
     """
     The cluster kept answering CLUSTERDOWN, TRYAGAIN or LOADING (or had no

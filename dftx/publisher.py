@@ -51,11 +51,10 @@ from dftx.http import Metric
 from dftx.nb import NbApi, db_from_config
 from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
 from dftx.pubsub.zmq import ZmqPublisher, ZmqRelay
-from dftx.update import DbUpdate
+from dftx.update import PORT_STATUS_TABLE, DbUpdate
 
 log = Logger()
 
-PORT_STATUS_TABLE = "port_status"
 
 
 def zmq_address(host: str, port: int) -> str:

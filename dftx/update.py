@@ -24,6 +24,15 @@ SYNC = "sync"
 """Control: resync one topic (C{topic}), or everything (C{topic} None)."""
 CONTROL_ACTIONS = frozenset({DBRESTART, SYNC})
 
+NEUTRON_SERVER = "neutron_server"
+"""The role of the API servers' side: NbApi writers and C{dfpublisher}."""
+LOCAL_CONTROLLER = "df_local_controller"
+"""The role of a compute node's C{dfcontroller}."""
+ROLES = (NEUTRON_SERVER, LOCAL_CONTROLLER)
+
+PORT_STATUS_TABLE = "port_status"
+"""The table of VM port states a controller writes (key: iface-id, no topic)."""
+
 _VALUE_REPR_LIMIT = 60
 
 

@@ -10,7 +10,7 @@ from dftx.redis.connection import NodeConnection
 from dftx.deferreds import gather
 from dftx.redis.endpoints import NodeEndpoints
 from dftx.errors import ReplyError
-from dftx.redis.resp import ConnectionClosed, NodeUnreachable
+from dftx.errors import ConnectionClosed, NodeUnreachable
 from dftx.servers import poll
 
 aio = pytest_twisted.ensureDeferred

@@ -13,7 +13,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from dftx.errors import ProtocolError, ReplyError
-from dftx.redis.resp import ConnectionClosed, RespProtocol
+from dftx.errors import ConnectionClosed
+from dftx.redis.resp import RespProtocol
 
 PEER = "127.0.0.1:7000"
 

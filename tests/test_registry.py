@@ -8,7 +8,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from dftx.config import LOCAL_CONTROLLER, NEUTRON_SERVER
+from dftx.update import LOCAL_CONTROLLER, NEUTRON_SERVER
 from dftx.db.memory import MemoryDbDriver
 from dftx.db.redis import RedisDbDriver
 from dftx.errors import DBConnectionError, ProtocolError

@@ -26,11 +26,12 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from dftx.db.api import INbDbDriver, check_names, check_value
-from dftx.errors import DBConnectionError, DBKeyAmbiguous, DBKeyNotFound, ProtocolError
-from dftx.redis.cluster import ClusterClient, NotReplicated
 from dftx.deferreds import gather
+from dftx.errors import (
+    DBConnectionError, DBKeyAmbiguous, DBKeyNotFound, NotReplicated, ProtocolError, ReplyError,
+)
+from dftx.redis.cluster import ClusterClient
 from dftx.redis.endpoints import TLSOptions
-from dftx.errors import ReplyError
 from dftx.redis.slots import key_slot
 
 UNIQUE_KEY_TABLE = "unique_key"

@@ -50,12 +50,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.config import LOCAL_CONTROLLER, NEUTRON_SERVER
 from dftx.errors import DBKeyNotFound, DftxError, ProtocolError
-from dftx.update import CREATE, DELETE, SET, DbUpdate
+from dftx.update import CREATE, DELETE, LOCAL_CONTROLLER, NEUTRON_SERVER, ROLES, SET, DbUpdate
 
 PUBLISHER_TABLE = "publisher"
-ROLES = (NEUTRON_SERVER, LOCAL_CONTROLLER)
 
 log = Logger()
 

@@ -7,9 +7,9 @@ client (L{dftx.redis.cluster}).  Nothing here knows about the NB database or
 pub/sub; those layers build on it.
 """
 
-from dftx.redis.cluster import ClusterClient, NotReplicated
+from dftx.errors import NotReplicated, ReplyError
+from dftx.redis.cluster import ClusterClient
 from dftx.redis.endpoints import TLSOptions
-from dftx.errors import ReplyError
 from dftx.redis.slots import key_slot
 from dftx.redis.topology import Topology
 

@@ -38,11 +38,14 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.errors import ClusterDownError, DBConnectionError, ProtocolError, ReplyError
-from dftx.redis.connection import NodeConnection, ProtocolClass
+from dftx.errors import (
+    ClusterDownError, ConnectionClosed, DBConnectionError, NodeUnreachable, NotReplicated,
+    ProtocolError, ReplyError,
+)
 from dftx.deferreds import Shared, gather
+from dftx.redis.connection import NodeConnection, ProtocolClass
 from dftx.redis.endpoints import NodeEndpoints, TLSOptions
-from dftx.redis.resp import ConnectionClosed, NodeUnreachable, RespProtocol
+from dftx.redis.resp import RespProtocol
 from dftx.redis.slots import SLOTS
 from dftx.redis.topology import Topology, parse_cluster_slots
 
@@ -53,20 +56,6 @@ _BUSY = frozenset({"TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN"})
 
 TopologyListener = Callable[[Topology | None, Topology], object]
 
-
-class NotReplicated(DBConnectionError):
-    """
-    A write was executed by the master, but fewer replicas than asked
-    acknowledged it (Redis WAIT), or the connection was lost before they
-    could.
-
-    @ivar reply: the write's own reply (e.g. the old value from C{SET ...
-        GET}), for a caller that undoes the write.
-    """
-
-    def __init__(self, node: str | None, reason: str, slot: int | None, reply: Any) -> None:
-        super().__init__(node, reason, slot)
-        self.reply = reply
 
 
 class ClusterClient:

@@ -23,10 +23,10 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.errors import ReplyError
 from dftx.deferreds import Shared
+from dftx.errors import NodeUnreachable, ReplyError
 from dftx.reconnect import ReportingEndpoint, SessionBackoff
-from dftx.redis.resp import NodeUnreachable, RespProtocol
+from dftx.redis.resp import RespProtocol
 
 log = Logger()
 

@@ -25,20 +25,8 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from dftx.errors import DBConnectionError, ProtocolError, ReplyError
+from dftx.errors import ConnectionClosed, DBConnectionError, NodeUnreachable, ProtocolError, ReplyError
 
-
-class ConnectionClosed(DBConnectionError):
-    """
-    The connection was lost (or timed out) after the command was written:
-    the node may or may not have executed it.
-    """
-
-
-class NodeUnreachable(DBConnectionError):
-    """
-    No connection to the node could be made; the command was never sent.
-    """
 
 
 class RespProtocol(protocol.Protocol):
