@@ -9,6 +9,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 
+__all__ = ["Shared", "deferred", "gather"]
+
 P = ParamSpec("P")
 T = TypeVar("T")
 

@@ -11,6 +11,13 @@ from __future__ import annotations
 
 from typing import Iterable
 
+__all__ = [
+    "ClusterDownError", "ConfigError", "ConnectionClosed", "DBConnectionError",
+    "DBKeyAmbiguous", "DBKeyNotFound", "DftxError", "InvalidNameError", "NodeUnreachable",
+    "NotReplicated", "OvsdbError", "ProtocolError", "PublishError", "ReplyError",
+    "SubscribeError",
+]
+
 
 class DftxError(Exception):
     """Base class of every dftx error."""

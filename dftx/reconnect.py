@@ -26,6 +26,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
+__all__ = ["ReportingEndpoint", "SessionBackoff"]
+
+
 class SessionBackoff:
     """
     A C{ClientService} C{retryPolicy} that also counts sessions.
