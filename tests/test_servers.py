@@ -1,5 +1,5 @@
 """
-The test harness (dftx.servers) does what each helper says, against the real
+The test harness (dftx.harness) does what each helper says, against the real
 servers.
 """
 
@@ -10,7 +10,7 @@ import os
 import pytest
 import pytest_twisted
 
-from dftx.servers import CLUSTER_SLOTS, CommandFailed, poll, run
+from dftx.harness import CLUSTER_SLOTS, CommandFailed, poll, run
 
 
 @pytest_twisted.ensureDeferred
