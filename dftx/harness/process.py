@@ -3,8 +3,8 @@ What every server of the harness shares: finding a system binary, a free
 loopback port, polling with a deadline, running a command to completion
 (L{run}), and one long-running child process (L{ChildProcess}).
 
-Nothing happens at import: no reactor is installed (each function and class
-takes one, and imports the global reactor only when called without it), and
+Nothing happens at import: no reactor is installed (what needs one takes
+one, and imports the global reactor only when called without it), and
 the exit-time cleanup is registered when the first process is spawned.  From
 then on every process spawned here that is still running at interpreter exit
 is killed by PID, so a failing test cannot leave servers behind.
