@@ -12,8 +12,8 @@ from twisted.internet import defer
 
 from dftx.codec import decode, encode
 from dftx.errors import PublishError, SubscribeError
-from dftx.pubsub.zmq import ZmqPubSub, ZmqRelay, ZmqSocket
 from dftx.harness import poll
+from dftx.pubsub.zmq import ZmqPubSub, ZmqRelay, ZmqSocket
 
 from .helpers import ANY_PORT, Received, joined, publisher, row, subscriber
 
