@@ -56,7 +56,7 @@ class Child:
 
     async def line(self, prefix: str, timeout: float = 30) -> str:
         """The first line starting with C{prefix}, waiting up to C{timeout} s."""
-        from dftx.servers import poll
+        from dftx.harness import poll
 
         def found():
             return next((l for l in self.lines if l.startswith(prefix)), None)

@@ -102,7 +102,7 @@ async def fill(seed: str, rows: int) -> None:
 
 
 async def loads(cluster, rows: int) -> dict[str, float]:
-    from dftx.servers import run
+    from dftx.harness import run
 
     await fill(cluster.seeds[0], rows)
     best: dict[str, float] = {}
@@ -145,7 +145,7 @@ async def failover_round(base: Path, cluster) -> tuple[float, float]:
 
 
 async def compare(args: argparse.Namespace) -> None:
-    from dftx.servers import RedisCluster
+    from dftx.harness import RedisCluster
 
     cluster = RedisCluster(masters=3, replicas=1, node_timeout_ms=2000)
     await cluster.start()

@@ -5,7 +5,7 @@ same ovsdb-server.
 
     .venv/bin/python bench/ovsdb_monitor.py [--interfaces 5000] [--rounds 5] [--markdown FILE]
 
-One ovsdb-server (dftx.servers.OvsdbServer) gets a bridge and N VM
+One ovsdb-server (dftx.harness.OvsdbServer) gets a bridge and N VM
 interfaces (iface-id, attached-mac, an option) in one transaction.  Each
 client then runs in a fresh Python process of its own, alternating, over
 the same unix socket, and reports the time from creating its client to
@@ -79,7 +79,7 @@ def run_idl(remote: str, expected: int) -> None:
 
 async def child(role: str, remote: str, expected: int) -> tuple[float, float]:
     """Run one client in a fresh process: (time to synced, of which schema)."""
-    from dftx.servers import run
+    from dftx.harness import run
 
     out = await run([sys.executable, __file__, "--role", role, "--remote", remote,
                      "--expected", str(expected)], timeout=600)
@@ -107,7 +107,7 @@ def main() -> None:
 
 
 async def compare(args: argparse.Namespace) -> None:
-    from dftx.servers import OvsdbServer
+    from dftx.harness import OvsdbServer
 
     server = OvsdbServer()
     await server.start()

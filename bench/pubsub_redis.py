@@ -266,7 +266,7 @@ async def publish_cost(masters: int, replicas: int, count: int,
                        window: int) -> dict[str, tuple[float, float]]:
     """(redis-server CPU microseconds per message, messages/s acknowledged)
     of the dftx publisher alone, classic and sharded."""
-    from dftx.servers import RedisCluster
+    from dftx.harness import RedisCluster
 
     cluster = RedisCluster(masters=masters, replicas=replicas)
     await cluster.start()
@@ -288,7 +288,7 @@ async def publish_cost(masters: int, replicas: int, count: int,
 
 
 async def compare(args: argparse.Namespace) -> None:
-    from dftx.servers import RedisCluster
+    from dftx.harness import RedisCluster
 
     cluster = RedisCluster(masters=3, replicas=0)
     await cluster.start()

@@ -191,7 +191,7 @@ ROLES = {
 
 async def run_case(kind: str, subs: int, count: int, workdir: Path) -> dict:
     from dftx.pubsub.zmq import ZmqPubSub
-    from dftx.servers import free_port, poll
+    from dftx.harness import free_port, poll
     from dftx.update import DbUpdate
 
     port = free_port()

@@ -4,7 +4,7 @@ redis-py's redis.asyncio.cluster.RedisCluster and coredis's RedisCluster.
 
     .venv/bin/python bench/redis_kv.py [--keys 50000] [--inflight 50] [--rounds 3] [--markdown FILE]
 
-The script starts one 3-master Redis Cluster (dftx.servers.RedisCluster) and
+The script starts one 3-master Redis Cluster (dftx.harness.RedisCluster) and
 then runs each client in a fresh interpreter of its own (this same script
 with --client NAME), one after the other, against that cluster: SET of
 --keys distinct keys, then GET of each (checking the value), with --inflight
@@ -182,7 +182,7 @@ def client_main(args) -> None:
 
 
 async def run_client(name, seed, args) -> dict[str, float]:
-    from dftx.servers import run
+    from dftx.harness import run
 
     out = await run(
         [sys.executable, HERE, "--client", name, "--seed", seed,
@@ -235,7 +235,7 @@ def markdown(first, results, reference, ratio) -> str:
 
 
 async def orchestrate(args) -> None:
-    from dftx.servers import RedisCluster, RedisServer
+    from dftx.harness import RedisCluster, RedisServer
 
     cluster = RedisCluster(masters=3, replicas=args.replicas)
     single = RedisServer(cluster.dir / "single")

@@ -167,7 +167,7 @@ def message(i: int, report: bool):
 
 async def measure(transport: str, where: str, relay: str | None, size: int,
                   args: argparse.Namespace) -> dict:
-    from dftx.servers import poll
+    from dftx.harness import poll
 
     procs = min(args.procs, size)
     shares = [size // procs + (k < size % procs) for k in range(procs)]
@@ -253,7 +253,7 @@ def percentiles(micros: list[int]) -> tuple[float, float]:
 
 
 async def orchestrate(args: argparse.Namespace) -> None:
-    from dftx.servers import DftxService, RedisCluster, free_port
+    from dftx.harness import DftxService, RedisCluster, free_port
 
     sizes = [int(s) for s in args.sizes.split(",")]
     transports = args.transports.split(",")

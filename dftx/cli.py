@@ -200,9 +200,7 @@ async def tail(args: argparse.Namespace, out: Any) -> None:
 
 async def status(args: argparse.Namespace, out: Any) -> None:
     from twisted.internet import reactor
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    from dftx.servers import _Body
+    from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
     url = args.url if "/v1/" in args.url else args.url.rstrip("/") + "/v1/status"
     agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
@@ -210,9 +208,7 @@ async def status(args: argparse.Namespace, out: Any) -> None:
         response = await agent.request(b"GET", url.encode())
     except Exception as e:
         raise UserError(f"{url}: {e}") from None
-    body = _Body()
-    response.deliverBody(body)
-    text = await body.done
+    text = await readBody(response)
     if response.code != 200:
         raise UserError(f"{url}: HTTP {response.code}")
     try:

@@ -170,10 +170,12 @@ class _Table(resource.Resource):
         found = self.rows(self.table)
         if found is None:
             return json_body(request, {"error": f"table {self.table!r} is not cached"}, 404)
-        return json_body(request, {key: _parsed(value) for key, value in found.items()})
+        return json_body(request, {key: json_or_text(value) for key, value in found.items()})
 
 
-def _parsed(value: str) -> Any:
+def json_or_text(value: str) -> Any:
+    """C{value} parsed as JSON, or C{value} itself when it is not JSON (a
+    row's value as C{/v1/tables} shows it)."""
     try:
         return json.loads(value)
     except ValueError:

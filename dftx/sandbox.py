@@ -2,7 +2,8 @@
 A whole dftx deployment on loopback, for the sandbox, the tests and the
 benchmarks: a Redis Cluster with replicas, one dfpublisher, and controllers
 each with its own ovsdb-server, plus an NB API writer as the neutron-server
-side would run it (L{Deployment.nb}).
+side would run it (L{Deployment.nb}).  C{python -m dftx.sandbox} runs one
+with a narrated scenario (L{main}).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from dftx.servers import DftxService, OvsdbServer, RedisCluster, poll
+from dftx.harness import DftxService, OvsdbServer, RedisCluster, default_reactor, poll
+from dftx.http import json_or_text
+
+__all__ = ["Deployment", "main", "run_sandbox", "scenario"]
 
 
 class Deployment:
@@ -21,24 +25,29 @@ class Deployment:
     @param pub_sub_driver: C{zmq} (through dfpublisher), C{redis} or
         C{redis_sharded}.
     @param topics: tenant topics every controller subscribes to beyond C{"D"}.
+    @param reactor: runs the processes, the timers and the NB DB client (the
+        global one when omitted).
     """
 
     def __init__(self, base_dir: Path, cluster: RedisCluster, controllers: int = 2,
                  pub_sub_driver: str = "zmq", publisher_timeout: int = 6,
                  db_sync_time: float = 5, tables: str = "lport,lswitch,chassis",
-                 topics: Sequence[str] = ()) -> None:
+                 topics: Sequence[str] = (), reactor: Any = None) -> None:
         self.dir = Path(base_dir)
         self.cluster = cluster
         self.pub_sub_driver = pub_sub_driver
+        self.reactor = default_reactor(reactor)
         seeds = cluster.seeds
         self.publisher = DftxService.publisher(
-            self.dir / "dfpublisher", seeds, pub_sub_driver, publisher_timeout)
-        self.ovsdbs = [OvsdbServer(self.dir / f"ovsdb{i + 1}") for i in range(controllers)]
+            self.dir / "dfpublisher", seeds, pub_sub_driver, publisher_timeout,
+            reactor=self.reactor)
+        self.ovsdbs = [OvsdbServer(self.dir / f"ovsdb{i + 1}", reactor=self.reactor)
+                       for i in range(controllers)]
         self.controllers = [
             DftxService.controller(
                 self.dir / f"compute{i + 1}", seeds, f"compute{i + 1}", ovsdb.tcp,
                 pub_sub_driver, publisher_timeout, tables, db_sync_time,
-                extra=f"topics = {','.join(topics)}")
+                extra=f"topics = {','.join(topics)}", reactor=self.reactor)
             for i, ovsdb in enumerate(self.ovsdbs)
         ]
         self.db: Any = None
@@ -58,7 +67,7 @@ class Deployment:
         await self.publisher.start()
         for controller in self.controllers:
             await controller.start()
-        self.db = RedisDbDriver(hosts=self.cluster.seeds)
+        self.db = RedisDbDriver(hosts=self.cluster.seeds, reactor=self.reactor)
         await self.db.initialize()
         if self.pub_sub_driver == "zmq":
             self._writer = ZmqPubSub(relay=self.publisher.ipc).get_publisher()
@@ -89,7 +98,8 @@ class Deployment:
     async def db_table(self, table: str) -> dict[str, Any]:
         """C{table} as the NB DB has it (key -> value, JSON values parsed),
         rows without topic and with."""
-        return {key: _parsed(value) for _, key, value in await self.db.get_all_rows(table)}
+        rows = await self.db.get_all_rows(table)
+        return {key: json_or_text(value) for _, key, value in rows}
 
     async def converged(self, table: str) -> bool:
         """Whether every controller's cache of C{table} equals the NB DB."""
@@ -102,15 +112,9 @@ class Deployment:
         return True
 
     async def wait_converged(self, table: str, timeout: float = 30.0) -> None:
+        """Wait until L{converged}."""
         await poll(lambda: self.converged(table), timeout,
-                   f"every controller's {table} equal to the NB DB")
-
-
-def _parsed(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
+                   f"every controller's {table} equal to the NB DB", reactor=self.reactor)
 
 
 # --- the narrated sandbox: python -m dftx.sandbox [--once] ---------------------------
@@ -148,7 +152,8 @@ async def scenario(d: Deployment) -> None:
                           f"tap{i}", f"external_ids:iface-id=vm-{i}",
                           f"external_ids:attached-mac=fa:16:3e:00:00:0{i}")
     for i in range(1, len(d.ovsdbs) + 1):
-        await poll(lambda i=i: _status_is(d, f"vm-{i}", "up"), 30, f"vm-{i} up")
+        await poll(lambda i=i: _status_is(d, f"vm-{i}", "up"), 30, f"vm-{i} up",
+                   reactor=d.reactor)
     _say(f"  port_status says up for every VM port ({time.monotonic() - t:.2f}s)")
 
     master = await d.cluster.owner(key_slot("{lport.}port-0"))
@@ -172,11 +177,12 @@ async def scenario(d: Deployment) -> None:
     for i, ovsdb in enumerate(d.ovsdbs, 1):
         await ovsdb.vsctl("del-port", "br-int", f"tap{i}")
     for i in range(1, len(d.ovsdbs) + 1):
-        await poll(lambda i=i: _status_is(d, f"vm-{i}", "down"), 30, f"vm-{i} down")
+        await poll(lambda i=i: _status_is(d, f"vm-{i}", "down"), 30, f"vm-{i} down",
+                   reactor=d.reactor)
     _say(f"  port_status says down ({time.monotonic() - t:.2f}s)")
 
 
-async def run_sandbox(once: bool) -> None:
+async def run_sandbox(once: bool, reactor: Any) -> None:
     """Start everything in a temporary directory, run the scenario, then
     keep running until Ctrl-C (or stop at once with C{once}); everything is
     stopped and removed on every way out."""
@@ -184,11 +190,12 @@ async def run_sandbox(once: bool) -> None:
     import signal
     import tempfile
 
-    from twisted.internet import defer, reactor
+    from twisted.internet import defer
 
     base = Path(tempfile.mkdtemp(prefix="dftx-sandbox-"))
-    cluster = RedisCluster(base / "redis", masters=3, replicas=1)
-    d = Deployment(base, cluster, controllers=2, publisher_timeout=30, db_sync_time=30)
+    cluster = RedisCluster(base / "redis", masters=3, replicas=1, reactor=reactor)
+    d = Deployment(base, cluster, controllers=2, publisher_timeout=30, db_sync_time=30,
+                   reactor=reactor)
     # Ctrl-C and SIGTERM end the run through the finally below, before the
     # reactor stops (a ZeroMQ context terminated with sockets open would
     # hang the shutdown).
@@ -240,6 +247,7 @@ async def _or_interrupted(work: Any, interrupted: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """C{python -m dftx.sandbox [--once]}: L{run_sandbox} on the default reactor."""
     import argparse
 
     from twisted.internet import defer, task
@@ -250,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--once", action="store_true",
                         help="stop after the scenario instead of running until Ctrl-C")
     args = parser.parse_args(argv)
-    task.react(lambda reactor: defer.ensureDeferred(run_sandbox(args.once)))
+    task.react(lambda reactor: defer.ensureDeferred(run_sandbox(args.once, reactor)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-Fixtures that give tests real servers (see L{dftx.servers}).
+Fixtures that give tests real servers (see L{dftx.harness}).
 
 - C{redis_cluster}: one 3-master + 3-replica Redis Cluster for the session.
   A test may kill, pause, fail over or migrate: after it, the cluster is
@@ -33,7 +33,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from dftx.servers import OvsdbServer, RedisCluster, RedisServer
+from dftx.harness import OvsdbServer, RedisCluster, RedisServer
 
 
 def _block(coro):

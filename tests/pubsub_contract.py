@@ -11,7 +11,7 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from dftx.pubsub.api import IPublisher, ISubscriber
-from dftx.servers import poll
+from dftx.harness import poll
 from dftx.update import DbUpdate
 
 aio = pytest_twisted.ensureDeferred

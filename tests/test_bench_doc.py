@@ -1,7 +1,7 @@
 """
 bench/update_doc.py's marker replacement (pure), and a smoke run of
 bench/scale.py with tiny numbers on every transport (real servers, started
-by the script through dftx.servers).
+by the script through dftx.harness).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ from twisted.internet import defer  # noqa: E402
 from dftx.cache import Mirror  # noqa: E402
 from dftx.db.memory import MemoryDbDriver  # noqa: E402
 from dftx.db.redis import RedisDbDriver  # noqa: E402
-from dftx.servers import poll  # noqa: E402
+from dftx.harness import poll  # noqa: E402
 
 aio = pytest_twisted.ensureDeferred
 

@@ -10,8 +10,8 @@ import pytest_twisted
 from twisted.internet import defer
 
 from dftx.cli import run
-from dftx.servers import DftxService, poll
-from dftx.servers import run as run_process
+from dftx.harness import DftxService, poll
+from dftx.harness import run as run_process
 
 aio = pytest_twisted.ensureDeferred
 

@@ -15,7 +15,7 @@ from twisted.internet import defer
 from dftx.errors import DftxError
 from dftx.redis.slots import key_slot
 from dftx.sandbox import Deployment
-from dftx.servers import poll
+from dftx.harness import poll
 
 aio = pytest_twisted.ensureDeferred
 

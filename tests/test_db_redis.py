@@ -15,7 +15,7 @@ from dftx.config import parse
 from dftx.db.redis import RedisDbDriver, row_key
 from dftx.errors import DBConnectionError, DBKeyNotFound, ProtocolError
 from dftx.redis.slots import key_slot
-from dftx.servers import poll
+from dftx.harness import poll
 
 from .db_contract import DbDriverContract, _raises
 

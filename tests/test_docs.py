@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 
 from dftx import config
-from dftx.servers import run
+from dftx.harness import run
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "doc"

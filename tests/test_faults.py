@@ -35,7 +35,7 @@ from dftx.ha import ClusterWatcher
 from dftx.nb import NbApi
 from dftx.redis.slots import key_slot
 from dftx.sandbox import Deployment
-from dftx.servers import poll
+from dftx.harness import poll
 
 aio = pytest_twisted.ensureDeferred
 

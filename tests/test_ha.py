@@ -14,10 +14,10 @@ from dftx.errors import ProtocolError
 from dftx.ha import HA_TOPIC, ClusterWatcher, topology_from_update, topology_update
 from dftx.redis.cluster import ClusterClient
 from dftx.redis.topology import Topology
-from dftx.servers import poll
+from dftx.harness import poll
 from dftx.update import DbUpdate
 
-from .test_pubsub_zmq import joined, publisher, subscriber
+from .helpers import joined, publisher, subscriber
 
 aio = pytest_twisted.ensureDeferred
 

@@ -11,18 +11,24 @@ from dftx.db.redis import RedisDbDriver
 from dftx.errors import DBKeyNotFound, PublishError
 from dftx.nb import NbApi
 from dftx.pubsub.zmq import ZmqPubSub
-from dftx.servers import poll
+from dftx.harness import poll
 from dftx.update import DbUpdate
 
-from .test_pubsub_zmq import Received, joined
+from .helpers import Received, joined
 
 
-@pytest_twisted.async_yield_fixture(params=["memory", "redis"])
-async def db(request, redis_cluster):
+@pytest.fixture(params=["memory", "redis"])
+def make_db(request):
+    """A function making the driver; only the redis case needs the cluster."""
     if request.param == "memory":
-        driver = MemoryDbDriver()
-    else:
-        driver = RedisDbDriver(hosts=redis_cluster.seeds, retries=3)
+        return MemoryDbDriver
+    seeds = request.getfixturevalue("redis_cluster").seeds
+    return lambda: RedisDbDriver(hosts=seeds, retries=3)
+
+
+@pytest_twisted.async_yield_fixture
+async def db(make_db):
+    driver = make_db()
     await driver.initialize()
     yield driver
     await driver.close()

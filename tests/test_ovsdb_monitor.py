@@ -23,7 +23,7 @@ from dftx.errors import DBConnectionError, ProtocolError
 from dftx.ovsdb.jsonrpc import JsonSplitter
 from dftx.ovsdb.monitor import ZERO_TXN, InterfaceMonitor
 from dftx.ovsdb.ports import PortEvent, classify
-from dftx.servers import CommandFailed, OvsdbServer, free_port, poll
+from dftx.harness import CommandFailed, OvsdbServer, free_port, poll
 
 aio = pytest_twisted.ensureDeferred
 

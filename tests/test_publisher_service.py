@@ -21,10 +21,10 @@ from dftx.config import LOCAL_CONTROLLER, NEUTRON_SERVER
 from dftx.db.redis import RedisDbDriver
 from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration, read_rows
 from dftx.pubsub.zmq import ZmqPubSub, ZmqSocket
-from dftx.servers import ChildProcess, CommandFailed, free_port, poll, run
+from dftx.harness import ChildProcess, CommandFailed, free_port, poll, run
 from dftx.update import DbUpdate
 
-from .test_pubsub_zmq import Received
+from .helpers import Received
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 

@@ -14,10 +14,10 @@ from twisted.internet import defer, task
 from dftx.errors import PublishError, SubscribeError
 from dftx.pubsub.redis import RedisPubSub, _ring
 from dftx.redis.slots import key_slot
-from dftx.servers import poll
+from dftx.harness import poll
 from dftx.update import DbUpdate
 
-from .test_pubsub_zmq import Received
+from .helpers import Received
 
 aio = pytest_twisted.ensureDeferred
 MODES = pytest.mark.parametrize("sharded", [False, True], ids=["classic", "sharded"])
@@ -351,7 +351,7 @@ async def test_single_server_round_trip_and_reconnect(redis_single, unique, shar
 
 @aio
 async def test_nothing_reachable_is_a_subscribe_error():
-    from dftx.servers import free_port
+    from dftx.harness import free_port
 
     sub = RedisPubSub([f"127.0.0.1:{free_port()}"], retries=1, timeout=0.5).get_subscriber()
     with pytest.raises(SubscribeError):

@@ -12,59 +12,10 @@ from twisted.internet import defer
 
 from dftx.codec import decode, encode
 from dftx.errors import PublishError, SubscribeError
+from dftx.harness import poll
 from dftx.pubsub.zmq import ZmqPubSub, ZmqRelay, ZmqSocket
-from dftx.servers import poll
-from dftx.update import DbUpdate
 
-ANY_PORT = "tcp://127.0.0.1:*"
-
-
-def row(key, topic=None, value="{}"):
-    return DbUpdate("lport", key, "create", value, topic)
-
-
-class Received:
-    """A subscriber callback that records row updates (and control events)."""
-
-    def __init__(self):
-        self.updates = []
-
-    def __call__(self, update):
-        self.updates.append(update)
-
-    def keys(self, topic=None, probes=False):
-        """Keys received (on C{topic}), without L{joined}'s probes."""
-        return [u.key for u in self.updates
-                if not u.is_control and (topic is None or u.topic == topic)
-                and (probes or not u.key.startswith("~"))]
-
-
-async def publisher(bind=ANY_PORT, **kw):
-    pub = ZmqPubSub(bind=bind, **kw).get_publisher()
-    await pub.initialize()
-    return pub
-
-
-async def subscriber(*uris, topics=()):
-    sub = ZmqPubSub().get_subscriber()
-    got = Received()
-    for t in topics:
-        await sub.register_topic(t)
-    for uri in uris:
-        await sub.register_listen_address(uri)
-    await sub.initialize(got)
-    return sub, got
-
-
-async def joined(pub, got, topic="D", key="probe"):
-    """Send probes (keys "~" + C{key}) until the subscriber gets one
-    (ZeroMQ subscriptions propagate asynchronously after connect)."""
-    key = "~" + key
-
-    async def probe():
-        await pub.send_event(row(key, topic))
-        return key in got.keys(topic, probes=True)
-    await poll(probe, 10, f"subscription to {pub.uri} on {topic!r}")
+from .helpers import ANY_PORT, Received, joined, publisher, row, subscriber
 
 
 @pytest_twisted.ensureDeferred
@@ -361,7 +312,7 @@ async def test_relay_bind_failure_is_publish_error(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_publisher_restarted_at_the_same_address_gives_dbrestart():
-    from dftx.servers import free_port
+    from dftx.harness import free_port
 
     address = f"tcp://127.0.0.1:{free_port()}"
     pub = await publisher(address)

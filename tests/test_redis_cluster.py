@@ -16,7 +16,7 @@ from dftx.redis.cluster import ClusterClient
 from dftx.deferreds import gather
 from dftx.redis.slots import SLOTS, key_slot
 from dftx.redis.topology import Shard, Topology
-from dftx.servers import poll
+from dftx.harness import poll
 
 aio = pytest_twisted.ensureDeferred
 

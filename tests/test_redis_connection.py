@@ -11,7 +11,7 @@ from dftx.deferreds import gather
 from dftx.redis.endpoints import NodeEndpoints
 from dftx.errors import ReplyError
 from dftx.errors import ConnectionClosed, NodeUnreachable
-from dftx.servers import poll
+from dftx.harness import poll
 
 aio = pytest_twisted.ensureDeferred
 

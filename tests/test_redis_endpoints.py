@@ -8,7 +8,7 @@ from twisted.internet import endpoints, reactor
 
 from dftx.db.redis import RedisDbDriver
 from dftx.redis.endpoints import NodeEndpoints
-from dftx.servers import RedisServer
+from dftx.harness import RedisServer
 
 
 def test_seed_addresses_of_every_form():

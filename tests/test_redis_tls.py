@@ -13,7 +13,7 @@ from twisted.internet import defer
 from dftx.db.redis import RedisDbDriver
 from dftx.errors import DBConnectionError
 from dftx.redis.endpoints import TLSOptions
-from dftx.servers import RedisServer, free_port
+from dftx.harness import RedisServer, free_port
 
 aio = pytest_twisted.ensureDeferred
 

@@ -17,10 +17,10 @@ from dftx.pubsub.registry import (
     remove_stale,
 )
 from dftx.pubsub.zmq import ZmqPubSub
-from dftx.servers import poll
+from dftx.harness import poll
 from dftx.update import DbUpdate
 
-from .test_pubsub_zmq import Received
+from .helpers import Received
 
 T = PUBLISHER_TABLE
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest_twisted
 
-from dftx.servers import run
+from dftx.harness import run
 
 
 @pytest_twisted.ensureDeferred

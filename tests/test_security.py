@@ -29,9 +29,9 @@ from dftx.pubsub import curve
 from dftx.pubsub.curve import CurveSettings, KeyPair, load_key_pair, load_public_keys
 from dftx.pubsub.registry import Discovery, Registration, read_rows
 from dftx.pubsub.zmq import ZmqPubSub, ZmqRelay
-from dftx.servers import DftxService, free_port, poll
+from dftx.harness import DftxService, free_port, poll
 
-from .test_pubsub_zmq import Received, joined, row
+from .helpers import Received, joined, row
 
 aio = pytest_twisted.ensureDeferred
 ANY_PORT = "tcp://127.0.0.1:*"

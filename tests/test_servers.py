@@ -1,16 +1,17 @@
 """
-The test harness (dftx.servers) does what each helper says, against the real
+The test harness (dftx.harness) does what each helper says, against the real
 servers.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import pytest_twisted
 
-from dftx.servers import CLUSTER_SLOTS, CommandFailed, poll, run
+from dftx.harness import CLUSTER_SLOTS, CommandFailed, poll, run
 
 
 @pytest_twisted.ensureDeferred
@@ -188,3 +189,46 @@ async def test_clustered_ovsdb(make_ovsdb_server):
     assert "Role: leader" in status
     await server.vsctl("add-br", "br-int")
     assert await server.vsctl("list-br") == "br-int"
+
+
+EXITS_LEAVING_CHILDREN = """
+import sys
+from pathlib import Path
+
+from twisted.internet import defer, task
+
+from dftx.harness import ChildProcess, process, run
+
+
+def main(reactor):
+    print(process._cleanup_registered)
+    server = ChildProcess(["sleep", "60"], Path(sys.argv[1]), Path("."), reactor)
+    server.start()
+    command = defer.ensureDeferred(run(["sleep", "60"], reactor=reactor))
+    command.addErrback(lambda f: None)
+    print(process._cleanup_registered, server.pid, *process._live, flush=True)
+    return defer.succeed(None)  # exits with both still running
+
+
+task.react(main)
+"""
+
+
+def _gone(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # reaped or a zombie
+    except FileNotFoundError:
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_children_left_running_are_killed_at_exit(tmp_path):
+    # The exit-time cleanup is registered by the first spawn, not at import,
+    # and covers run()'s commands as well as servers.
+    out = await run([sys.executable, "-c", EXITS_LEAVING_CHILDREN, str(tmp_path / "log")])
+    before, after = out.splitlines()[-2:]
+    registered, server, *live = after.split()
+    assert (before, registered) == ("False", "True")
+    assert server in live and len(live) == 2
+    await poll(lambda: all(_gone(pid) for pid in live), 10, "children killed at exit")

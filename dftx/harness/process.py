@@ -1,0 +1,283 @@
+"""
+What every server of the harness shares: finding a system binary, a free
+loopback port, polling with a deadline, running a command to completion
+(L{run}), and one long-running child process (L{ChildProcess}).
+
+Nothing happens at import: no reactor is installed (what needs one takes
+one, and imports the global reactor only when called without it), and
+the exit-time cleanup is registered when the first process is spawned.  From
+then on every process spawned here that is still running at interpreter exit
+is killed by PID, so a failing test cannot leave servers behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from twisted.internet import defer, error, protocol, task
+from twisted.python.failure import Failure
+
+__all__ = [
+    "ChildProcess",
+    "CommandFailed",
+    "default_reactor",
+    "find_binary",
+    "free_port",
+    "poll",
+    "run",
+]
+
+_PACKAGES = {
+    "redis-server": "redis-server",
+    "redis-cli": "redis-tools",
+    "ovsdb-server": "openvswitch-common",
+    "ovsdb-tool": "openvswitch-common",
+    "ovsdb-client": "openvswitch-common",
+    "ovs-vsctl": "openvswitch-switch",
+}
+
+# The PIDs of the processes spawned here that have not ended yet, for the
+# exit-time cleanup (registered with atexit by the first spawn).
+_live: set[int] = set()
+_cleanup_registered = False
+
+
+def _kill_leftovers() -> None:
+    for pid in list(_live):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _track(pid: int) -> None:
+    """Remember C{pid} for the exit-time kill (registering it the first time)."""
+    global _cleanup_registered
+    if not _cleanup_registered:
+        atexit.register(_kill_leftovers)
+        _cleanup_registered = True
+    _live.add(pid)
+
+
+def default_reactor(reactor: Any = None) -> Any:
+    """C{reactor}, or the global reactor when it is None (imported now, which
+    installs the default one if the application has not chosen one)."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        return global_reactor
+    return reactor
+
+
+class CommandFailed(Exception):
+    """A helper command exited non-zero, or did not finish in time."""
+
+    def __init__(self, argv: Sequence[str], reason: str, output: str = "") -> None:
+        self.argv = list(argv)
+        self.output = output
+        super().__init__(f"{' '.join(self.argv)}: {reason}\n{output}".rstrip())
+
+
+def find_binary(name: str) -> str:
+    """
+    Return the path of a system binary, looking in C{PATH} and the sbin
+    directories (ovsdb-server lives in /usr/sbin, which a non-root PATH may
+    lack).
+
+    @raise FileNotFoundError: naming the Debian package that provides it.
+    """
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    dirs += ["/usr/sbin", "/usr/local/sbin", "/sbin"]
+    for d in dirs:
+        path = os.path.join(d, name)
+        if d and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(
+        f"{name} not found; install the Debian package "
+        f"{_PACKAGES.get(name, name)}"
+    )
+
+
+def free_port(also_free: Sequence[int] = ()) -> int:
+    """
+    Return a TCP port on 127.0.0.1 that is free now, and such that port +
+    each offset in C{also_free} is free too (Redis Cluster's bus listens on
+    port + 10000).
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if all(port + off < 65536 and _port_free(port + off) for off in also_free):
+            return port
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+async def poll(
+    check: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    *,
+    reactor: Any = None,
+) -> Any:
+    """
+    Call C{check} (which may return a Deferred or a coroutine) until it
+    returns a true value or the deadline passes; an exception from C{check}
+    counts as "not yet".  C{reactor} gives the time (the global reactor when
+    omitted).
+
+    @return: the true value.
+    @raise TimeoutError: naming C{what} and the last exception, if any.
+    """
+    reactor = default_reactor(reactor)
+    deadline = reactor.seconds() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            result = check()
+            if isinstance(result, Awaitable):
+                result = await result
+            if result:
+                return result
+            last = None
+        except Exception as e:
+            last = e
+        if reactor.seconds() >= deadline:
+            suffix = f" (last error: {last})" if last else ""
+            raise TimeoutError(f"{what} not within {timeout}s{suffix}")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
+class _CommandProtocol(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.done: defer.Deferred[int] = defer.Deferred()
+        self.pid = 0
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+        _track(self.pid)
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        _live.discard(self.pid)
+        code = getattr(reason.value, "exitCode", None)
+        self.done.callback(-1 if code is None else code)
+
+
+async def run(
+    argv: Sequence[str], timeout: float = 20.0, check: bool = True, *, reactor: Any = None
+) -> str:
+    """
+    Run a command (first element looked up with L{find_binary}) and return
+    its stdout and stderr as text.
+
+    @raise CommandFailed: on a non-zero exit (when C{check}), or when it has
+        not finished after C{timeout} seconds (it is then killed).
+    """
+    reactor = default_reactor(reactor)
+    argv = [find_binary(argv[0]), *argv[1:]]
+    proto = _CommandProtocol()
+    proc = reactor.spawnProcess(proto, argv[0], argv, env=os.environ)
+    timer = reactor.callLater(timeout, _signal_quietly, proc, "KILL")
+    code = await proto.done
+    output = b"".join(proto.out).decode("utf-8", "replace")
+    if not timer.active():
+        raise CommandFailed(argv, f"no answer within {timeout}s", output)
+    timer.cancel()
+    if check and code != 0:
+        raise CommandFailed(argv, f"exit code {code}", output)
+    return output
+
+
+def _signal_quietly(proc: Any, sig: str) -> None:
+    try:
+        proc.signalProcess(getattr(signal, f"SIG{sig}"))
+    except error.ProcessExitedAlready:
+        pass
+
+
+class ChildProcess(protocol.ProcessProtocol):
+    """
+    One long-running server process, its output appended to C{log_path},
+    spawned by C{reactor} (the global one when omitted).
+    """
+
+    def __init__(self, argv: Sequence[str], log_path: Path, cwd: Path,
+                 reactor: Any = None) -> None:
+        self.argv = [find_binary(argv[0]), *argv[1:]]
+        self.log_path = log_path
+        self.cwd = cwd
+        self.reactor = default_reactor(reactor)
+        self.transport: Any = None
+        self._ended: defer.Deferred[None] = defer.Deferred()
+        self._log: Any = None
+        self._pid = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The PID while it runs, else None."""
+        return self._pid if self.running else None
+
+    @property
+    def running(self) -> bool:
+        """Whether it was started and has not exited."""
+        return self.transport is not None and not self._ended.called
+
+    def start(self) -> None:
+        """Spawn the process (again, after it exited)."""
+        self._ended = defer.Deferred()
+        self._log = open(self.log_path, "ab")
+        self.reactor.spawnProcess(
+            self, self.argv[0], self.argv, env=os.environ, path=str(self.cwd)
+        )
+        self._pid = self.transport.pid
+        _track(self._pid)
+
+    def outReceived(self, data: bytes) -> None:
+        self._log.write(data)
+        self._log.flush()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        _live.discard(self._pid)
+        self._log.close()
+        self._ended.callback(None)
+
+    def signal(self, sig: str) -> None:
+        """Send a signal by name ("KILL", "STOP", "CONT", "TERM")."""
+        if self.running:
+            _signal_quietly(self.transport, sig)
+
+    async def wait_ended(self, timeout: float = 10.0) -> None:
+        """Wait for the process to exit."""
+        if not self.running:
+            return
+        ended = self._ended
+        await poll(lambda: ended.called, timeout, f"exit of {self.argv[0]}",
+                   reactor=self.reactor)
+
+    async def kill(self) -> None:
+        """kill -9 and wait for the exit (works on a stopped process too)."""
+        self.signal("KILL")
+        await self.wait_ended()
