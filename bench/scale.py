@@ -84,10 +84,10 @@ def subscribers(transport: str, where: str, n: int) -> None:
     from twisted.internet import defer, reactor, stdio, task
     from twisted.protocols.basic import LineReceiver
 
-    from dftx.pubsub.zmq import factory
+    from dftx.pubsub.zmq_socket import context
 
     # Each subscriber: its SUB socket and a monitor pair (libzmq allows 1,023 by default).
-    factory().context.set(zmq.MAX_SOCKETS, 8 * n + 64)
+    context().context.set(zmq.MAX_SOCKETS, 8 * n + 64)
     driver = pubsub(transport, where)
     subs: list = []
     got = [0] * n

@@ -12,7 +12,9 @@ from twisted.internet import defer
 
 from dftx.codec import decode, encode
 from dftx.errors import PublishError, SubscribeError
-from dftx.pubsub.zmq import ZmqPubSub, ZmqRelay, ZmqSocket
+from dftx.pubsub.zmq import ZmqPubSub
+from dftx.pubsub.zmq_relay import ZmqRelay
+from dftx.pubsub.zmq_socket import ZmqSocket
 from dftx.servers import poll
 from dftx.update import DbUpdate
 
