@@ -161,7 +161,7 @@ def subscribers(transport: str, where: str, n: int) -> None:
 def message(i: int, report: bool):
     from dftx.update import DbUpdate
 
-    return DbUpdate(TABLE, f"port-{i}", "update",
+    return DbUpdate(TABLE, f"port-{i}", "set",
                     json.dumps({"i": i, "t": time.time(), "r": report, "pad": PAD}), TOPIC)
 
 
