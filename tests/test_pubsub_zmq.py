@@ -18,6 +18,8 @@ from dftx.pubsub.zmq_socket import ZmqSocket
 from dftx.servers import poll
 from dftx.update import DbUpdate
 
+from .pubsub_contract import PubSubContract
+
 ANY_PORT = "tcp://127.0.0.1:*"
 
 
@@ -67,6 +69,27 @@ async def joined(pub, got, topic="D", key="probe"):
         await pub.send_event(row(key, topic))
         return key in got.keys(topic, probes=True)
     await poll(probe, 10, f"subscription to {pub.uri} on {topic!r}")
+
+
+class TestZmqPubSubContract(PubSubContract):
+    """The pub/sub contract on the default driver, over tcp on a free port."""
+
+    @pytest.fixture
+    def pubsub(self):
+        return ZmqPubSub(bind=ANY_PORT)
+
+    async def attach(self, pub, sub, got):
+        # ZeroMQ subscriptions reach the PUB socket some time after the
+        # connection: probe on a topic of its own until one arrives (the
+        # SUB socket sends its subscriptions in order, so the others are in
+        # effect too), then forget the probes.
+        await sub.register_listen_address(pub.uri)
+        await sub.register_topic("~probe")
+        received = Received()
+        received.updates = got
+        await joined(pub, received, "~probe")
+        await sub.unregister_topic("~probe")
+        got.clear()
 
 
 @pytest_twisted.ensureDeferred
