@@ -52,6 +52,9 @@ class ZmqPublisher(PublisherBase):
     A PUB socket bound at C{bind}, or a PUSH socket connected to the relay
     at C{relay} (exactly one of them).  L{uri} is where subscribers connect
     once initialized (the bound address, wildcard port resolved).
+
+    @param reactor: the reactor of its socket (default: the global reactor,
+        taken at L{initialize}).
     """
 
     def __init__(
@@ -154,7 +157,7 @@ class ZmqPublisher(PublisherBase):
 
     def close(self) -> defer.Deferred[None]:
         """@return: Deferred firing with None once the socket is closed (see
-        the module docstring for what waits and for how long)."""
+        L{dftx.pubsub.zmq_socket} for what waits and for how long)."""
         sock, self._socket = self._socket, None
         if sock is None:
             return defer.succeed(None)

@@ -79,6 +79,9 @@ class ZmqSubscriber(SubscriberBase):
     unknown to the owner); when a publisher that was disconnected is
     connected again (a restarted publisher service, a network cut) it
     delivers a C{dbrestart}: what was sent meanwhile is lost.
+
+    @param reactor: the reactor of its sockets and of its reconnection
+        checks (default: the global reactor, taken at L{initialize}).
     """
 
     def __init__(self, hwm: int = DEFAULT_HWM, curve: CurveSettings | None = None,
@@ -243,6 +246,7 @@ class ZmqSubscriber(SubscriberBase):
         return defer.succeed(None)
 
     def close(self) -> defer.Deferred[None]:
+        """@return: Deferred firing with None once the sockets are closed."""
         sock, self._socket = self._socket, None
         monitor, self._monitor = self._monitor, None
         if sock is None:
