@@ -13,8 +13,6 @@ setup(
     package_data={"twisted": ["plugins/dftx_plugins.py"]},
     install_requires=[
         "twisted[tls]>=24.7",
-        "txredisapi>=1.4.10",
-        "txzmq>=1.0",
         "pyzmq>=25",
         "hiredis>=2.1",
         "msgpack>=1.0",
@@ -33,6 +31,7 @@ setup(
         ],
         "bench": [
             "redis>=5",
+            "txredisapi>=1.4.10",
             "coredis>=4",
             "pyzmq>=25",
             "ovs>=3",

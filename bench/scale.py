@@ -84,10 +84,10 @@ def subscribers(transport: str, where: str, n: int) -> None:
     from twisted.internet import defer, reactor, stdio, task
     from twisted.protocols.basic import LineReceiver
 
-    from dftx.pubsub.zmq import factory
+    from dftx.pubsub.zmq_socket import context
 
     # Each subscriber: its SUB socket and a monitor pair (libzmq allows 1,023 by default).
-    factory().context.set(zmq.MAX_SOCKETS, 8 * n + 64)
+    context().context.set(zmq.MAX_SOCKETS, 8 * n + 64)
     driver = pubsub(transport, where)
     subs: list = []
     got = [0] * n
@@ -161,7 +161,7 @@ def subscribers(transport: str, where: str, n: int) -> None:
 def message(i: int, report: bool):
     from dftx.update import DbUpdate
 
-    return DbUpdate(TABLE, f"port-{i}", "update",
+    return DbUpdate(TABLE, f"port-{i}", "set",
                     json.dumps({"i": i, "t": time.time(), "r": report, "pad": PAD}), TOPIC)
 
 

@@ -6,6 +6,11 @@ reads, so either side interoperates with it), plus C{publisher} (id) and
 C{seq} (per publisher and topic, from 1) when the sender stamps them; peers
 that do not know these keys ignore them, and L{decode} ignores keys it does
 not know.
+
+A row update has a table and a row action (L{ROW_ACTIONS}); a control event
+has table None and a control action (L{CONTROL_ACTIONS}).  L{decode} refuses
+any other action and any mix of the two: a row action without a table must
+not reach a subscriber's owner as a control event.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Any
 import msgpack
 
 from dftx.errors import ProtocolError
-from dftx.update import DbUpdate
+from dftx.update import CONTROL_ACTIONS, ROW_ACTIONS, DbUpdate
+
+__all__ = ["decode", "encode"]
 
 _REQUIRED = ("table", "key", "action", "value", "topic")
 _packer = msgpack.Packer(use_bin_type=True)
@@ -55,8 +62,9 @@ def decode(data: bytes, peer: str | None = None) -> DbUpdate:
     """
     @param peer: where the message came from, for the error.
     @return: the L{DbUpdate}, with C{publisher} and C{seq} when present.
-    @raise ProtocolError: for anything that is not such a map; never any
-        other exception.
+    @raise ProtocolError: for anything that is not such a map (an unknown
+        action, a row action without a table or a control action with
+        one); never any other exception.
     """
     try:
         message = _unpackb(data, raw=False)
@@ -67,7 +75,9 @@ def decode(data: bytes, peer: str | None = None) -> DbUpdate:
         get = message.get
         table, key, action, value = get("table"), get("key"), get("action"), get("value")
         topic, publisher, seq = message["topic"], get("publisher"), get("seq")
-        if (type(action) is str and (table is None or type(table) is str)
+        if (type(action) is str
+                and (action in ROW_ACTIONS if type(table) is str else
+                     table is None and action in CONTROL_ACTIONS)
                 and (key is None or type(key) is str)
                 and (value is None or type(value) is str)
                 and (topic is None or type(topic) is str)
@@ -92,7 +102,7 @@ def _checked(message: Any, peer: str | None) -> DbUpdate:
     seq = message.get("seq")
     if seq is not None and (type(seq) is not int or seq < 0):
         raise ProtocolError(f"bad seq {seq!r}", peer)
-    return DbUpdate(
+    update = DbUpdate(
         table,
         _text(message, "key", peer),
         action,
@@ -101,6 +111,13 @@ def _checked(message: Any, peer: str | None) -> DbUpdate:
         publisher=_text(message, "publisher", peer),
         seq=seq,
     )
+    if table is None and action not in CONTROL_ACTIONS:
+        what = "a row action" if action in ROW_ACTIONS else "an unknown action"
+        raise ProtocolError(f"control event (table None) with {what} {action!r}", peer)
+    if table is not None and action not in ROW_ACTIONS:
+        what = "a control action" if action in CONTROL_ACTIONS else "an unknown action"
+        raise ProtocolError(f"row update of {table!r} with {what} {action!r}", peer)
+    return update
 
 
 def _text(message: dict[Any, Any], field: str, peer: str | None) -> str | None:

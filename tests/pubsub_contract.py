@@ -1,7 +1,9 @@
 """
-What every pub/sub driver must do, for any driver whose subscriptions are
-in effect once initialize/register_topic fired: a test class supplies a
-`pubsub` fixture (an IPubSub) and inherits the tests.
+What every pub/sub driver must do: a test class supplies a `pubsub` fixture
+(an IPubSub) and inherits the tests.  For a driver whose subscriptions are
+in effect once initialize/register_topic fired, that is all; one whose
+subscriber connects to publishers (ZeroMQ) overrides `attach`, which
+connects the pair and returns once the subscriptions are in effect.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import pytest_twisted
 from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
-from dftx.pubsub.api import IPublisher, ISubscriber
+from dftx.pubsub.api import IPublisher, IPubSub, ISubscriber
 from dftx.harness import poll
 from dftx.update import DbUpdate
 
@@ -23,14 +25,24 @@ def row(key, topic=None):
 
 class PubSubContract:
     async def pair(self, pubsub, *topics):
+        assert verifyObject(IPubSub, pubsub)
         pub, sub, got = pubsub.get_publisher(), pubsub.get_subscriber(), []
         assert verifyObject(IPublisher, pub) and verifyObject(ISubscriber, sub)
-        await pub.initialize()
-        for t in topics:
-            await sub.register_topic(t)
-        await sub.initialize(got.append)
         self._close = [sub, pub]
+        try:
+            await pub.initialize()
+            for t in topics:
+                await sub.register_topic(t)
+            await sub.initialize(got.append)
+            await self.attach(pub, sub, got)
+        except BaseException:
+            await self.close()
+            raise
         return pub, sub, got
+
+    async def attach(self, pub, sub, got):
+        """Connect C{sub} to C{pub} and return once the subscriptions are
+        in effect, leaving C{got} empty (a brokered driver: nothing to do)."""
 
     async def close(self):
         for x in self._close:

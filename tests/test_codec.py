@@ -9,18 +9,61 @@ from hypothesis import strategies as st
 
 from dftx.codec import decode, encode
 from dftx.errors import ProtocolError
-from dftx.update import DbUpdate
+from dftx.update import CONTROL_ACTIONS, DBRESTART, ROW_ACTIONS, SYNC, DbUpdate
 
 text = st.text(max_size=50)
 maybe_text = st.none() | text
 
 
-@given(table=text.filter(bool), key=maybe_text, action=text.filter(bool),
+@given(table=text.filter(bool), key=maybe_text, action=st.sampled_from(sorted(ROW_ACTIONS)),
        value=maybe_text, topic=maybe_text, publisher=maybe_text,
        seq=st.none() | st.integers(min_value=0, max_value=2**63))
 def test_round_trip(table, key, action, value, topic, publisher, seq):
     u = DbUpdate(table, key, action, value, topic, publisher=publisher, seq=seq)
     assert decode(encode(u)) == u
+
+
+@pytest.mark.parametrize("action, topic", [(DBRESTART, None), (SYNC, None), (SYNC, "t1")])
+def test_control_events_round_trip(action, topic):
+    u = DbUpdate.control(action, topic)
+    assert decode(encode(u, publisher="p", seq=3)) == DbUpdate(
+        None, None, action, None, topic, publisher="p", seq=3)
+
+
+@pytest.mark.parametrize("bin_table", [False, True], ids=["str", "bin"])
+@pytest.mark.parametrize("table, action, reason", [
+    (None, "create", "control event (table None) with a row action 'create'"),
+    (None, "delete", "control event (table None) with a row action 'delete'"),
+    (None, "frobnicate", "control event (table None) with an unknown action"),
+    ("lport", "sync", "row update of 'lport' with a control action 'sync'"),
+    ("lport", "dbrestart", "row update of 'lport' with a control action"),
+    ("lport", "frobnicate", "row update of 'lport' with an unknown action"),
+    ("lport", "", "row update of 'lport' with an unknown action"),
+])
+def test_unknown_actions_and_control_row_mismatches_are_protocol_errors(
+        table, action, reason, bin_table):
+    # bin: a table sent as bytes takes the fully checked path.
+    wire_table = table.encode() if bin_table and table is not None else table
+    data = msgpack.packb({"table": wire_table, "key": "k", "action": action,
+                          "value": None, "topic": "D", "seq": 1})
+    with pytest.raises(ProtocolError) as info:
+        decode(data, peer="tcp://10.0.0.1:8866")
+    assert reason in str(info.value)
+    assert info.value.peer == "tcp://10.0.0.1:8866"
+
+
+@settings(max_examples=300)
+@given(table=st.none() | text, action=text)
+def test_only_row_actions_with_a_table_and_control_actions_without_decode(table, action):
+    data = msgpack.packb({"table": table, "key": None, "action": action, "value": None,
+                          "topic": None})
+    valid = action in (ROW_ACTIONS if table is not None else CONTROL_ACTIONS)
+    try:
+        update = decode(data)
+    except ProtocolError:
+        assert not valid
+    else:
+        assert valid and (update.table, update.action) == (table, action)
 
 
 def test_stamps_publisher_seq_and_topic_without_changing_the_update():

@@ -20,7 +20,8 @@ from dftx.codec import encode
 from dftx.config import LOCAL_CONTROLLER, NEUTRON_SERVER
 from dftx.db.redis import RedisDbDriver
 from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration, read_rows
-from dftx.pubsub.zmq import ZmqPubSub, ZmqSocket
+from dftx.pubsub.zmq import ZmqPubSub
+from dftx.pubsub.zmq_socket import ZmqSocket
 from dftx.harness import ChildProcess, CommandFailed, free_port, poll, run
 from dftx.update import DbUpdate
 

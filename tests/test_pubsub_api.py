@@ -1,14 +1,55 @@
-"""The driver-independent halves of publishers and subscribers."""
+"""The driver-independent halves of publishers and subscribers, and the
+interfaces every driver provides."""
+
+import inspect
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
+from zope.interface.verify import verifyClass, verifyObject
 
 from dftx.codec import decode, encode
 from dftx.errors import PublishError
-from dftx.pubsub.api import PublisherBase, SubscriberBase
+from dftx.pubsub.api import IPublisher, IPubSub, ISubscriber, PublisherBase, SubscriberBase
+from dftx.pubsub.redis import RedisPubSub
+from dftx.pubsub.zmq import ZmqPubSub
+from dftx.testing import MemoryPubSub
 from dftx.update import DbUpdate
+
+DRIVERS = {
+    "zmq": lambda: ZmqPubSub(bind="tcp://127.0.0.1:*"),
+    "redis-classic": lambda: RedisPubSub(["127.0.0.1:1"]),
+    "redis-sharded": lambda: RedisPubSub(["127.0.0.1:1"], sharded=True),
+    "memory": MemoryPubSub,
+}
+EXTRA_ARGUMENTS = {(RedisPubSub, "get_subscriber"): ["name"]}
+"""Optional arguments a driver takes beyond its interface."""
+
+
+def _made(name):
+    pubsub = DRIVERS[name]()
+    return [(IPubSub, pubsub), (IPublisher, pubsub.get_publisher("p1")),
+            (ISubscriber, pubsub.get_subscriber())]
+
+
+@pytest.mark.parametrize("name", DRIVERS)
+def test_every_driver_provides_the_interfaces(name):
+    # Nothing here connects: objects are made, never initialized.
+    for iface, obj in _made(name):
+        assert verifyClass(iface, type(obj)) and verifyObject(iface, obj)
+
+
+@pytest.mark.parametrize("name", DRIVERS)
+def test_the_interfaces_declare_the_drivers_arguments(name):
+    for iface, obj in _made(name):
+        for method in iface.names():
+            if not callable(getattr(obj, method)):
+                continue
+            declared = list(iface[method].positional)
+            params = list(inspect.signature(getattr(obj, method)).parameters)
+            extra = EXTRA_ARGUMENTS.get((type(obj), method), [])
+            assert params == declared + extra, f"{type(obj).__name__}.{method}"
 
 
 class RecordingPublisher(PublisherBase):

@@ -3,19 +3,48 @@
 from __future__ import annotations
 
 import os
+import time
 
 import msgpack
 import pytest
 import pytest_twisted
 import zmq
 from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
 
 from dftx.codec import decode, encode
 from dftx.errors import PublishError, SubscribeError
+from dftx.pubsub.zmq import ZmqPubSub
+from dftx.pubsub.zmq_relay import ZmqRelay
+from dftx.pubsub.zmq_socket import ZmqSocket, context
+from dftx.pubsub.zmq_subscriber import RECONNECT_CHECK
 from dftx.harness import poll
-from dftx.pubsub.zmq import ZmqPubSub, ZmqRelay, ZmqSocket
+from dftx.update import SYNC, DbUpdate
+
+from .pubsub_contract import PubSubContract
 
 from .helpers import ANY_PORT, Received, joined, publisher, row, subscriber
+
+
+class TestZmqPubSubContract(PubSubContract):
+    """The pub/sub contract on the default driver, over tcp on a free port."""
+
+    @pytest.fixture
+    def pubsub(self):
+        return ZmqPubSub(bind=ANY_PORT)
+
+    async def attach(self, pub, sub, got):
+        # ZeroMQ subscriptions reach the PUB socket some time after the
+        # connection: probe on a topic of its own until one arrives (the
+        # SUB socket sends its subscriptions in order, so the others are in
+        # effect too), then forget the probes.
+        await sub.register_listen_address(pub.uri)
+        await sub.register_topic("~probe")
+        received = Received()
+        received.updates = got
+        await joined(pub, received, "~probe")
+        await sub.unregister_topic("~probe")
+        got.clear()
 
 
 @pytest_twisted.ensureDeferred
@@ -371,3 +400,65 @@ async def test_an_oversized_frame_is_refused_and_the_subscriber_resyncs():
     finally:
         await raw_pub.close(0)
         await sub.close()
+
+
+@pytest.fixture
+def clock():
+    """A MemoryReactorClock for sockets; its ZeroMQ context is terminated
+    at the end."""
+    clock = MemoryReactorClock()
+    yield clock
+    context(clock).shutdown()
+
+
+def pump(clock, until, timeout=10.0):
+    """Do what a reactor would for the sockets on C{clock} (read each, run
+    due calls) until C{until()}; ZeroMQ's own thread runs meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "timed out"
+        for reader in list(clock.getReaders()):
+            reader.doRead()
+        clock.advance(0)
+        time.sleep(0.001)
+
+
+def test_sockets_are_read_and_closed_by_the_injected_reactor(clock):
+    push = ZmqSocket(zmq.PUSH, "push to nobody", reactor=clock)
+    assert push in clock.getReaders()
+    assert [t[:2] for t in clock.triggers.get("during", {}).get("shutdown", [])] == [
+        (context(clock).shutdown, ())]
+    push.socket.set(zmq.IMMEDIATE, 1)
+    push.connect("tcp://127.0.0.1:1")  # nobody there: the message waits
+    failures = []
+    push.send_frames([b"t", b"m"]).addErrback(failures.append)
+    assert push.queued == 1
+    closed = push.close(linger=5)
+    clock.advance(4.9)
+    assert not closed.called and not failures
+    clock.advance(0.1)
+    assert closed.called and push.socket is None and push not in clock.getReaders()
+    assert failures and failures[0].check(PublishError)
+
+
+def test_the_subscriber_checks_a_lost_publisher_on_the_injected_clock(clock):
+    pubsub = ZmqPubSub(bind=ANY_PORT, reactor=clock)
+    pub, sub, got = pubsub.get_publisher(), pubsub.get_subscriber(), []
+    pub.initialize()
+    sub.initialize(got.append)
+    sub.register_listen_address(pub.uri)
+    try:
+        pump(clock, lambda: [u for u in got if u.action == SYNC])  # joined
+        uri = pub.uri
+        pub.close()
+        pump(clock, lambda: uri in sub._lost)
+        def checks():
+            return [(c.getTime(), c.args) for c in clock.getDelayedCalls()
+                    if c.func == sub._reconnect_if_lost]
+
+        assert checks() == [(clock.seconds() + RECONNECT_CHECK, (uri,))]
+        clock.advance(RECONNECT_CHECK)
+        assert checks() == []
+    finally:
+        sub.close()
+        pub.close()

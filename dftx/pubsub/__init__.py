@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = ["from_config", "needs_discovery"]
+
 
 def from_config(config: Any, bind: str | None = None) -> Any:
     """

@@ -26,6 +26,11 @@ from dftx.codec import decode, encode
 from dftx.errors import ProtocolError, PublishError
 from dftx.update import DBRESTART, SEND_ALL_TOPIC, SYNC, DbUpdate
 
+__all__ = [
+    "Callback", "IPubSub", "IPublisher", "ISubscriber", "MAX_MESSAGE_SIZE",
+    "PublisherBase", "SubscriberBase",
+]
+
 Callback = Callable[[DbUpdate], object]
 
 #: The largest message a subscriber accepts (bytes): the NB DB holds values
@@ -35,10 +40,20 @@ MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 
 class IPubSub(Interface):
-    """A pub/sub driver: makes publishers and subscribers."""
+    """
+    A pub/sub driver: makes publishers and subscribers.  A driver may take
+    more optional arguments of its own (the Redis driver's
+    C{get_subscriber(name)}).
+    """
 
-    def get_publisher():
-        """@return: a new L{IPublisher} (not yet initialized)."""
+    def get_publisher(publisher_id=None):
+        """
+        @param publisher_id: the id stamped on every message (text); a new
+            random one by default.
+        @return: a new L{IPublisher} (not yet initialized).
+        @raise ValueError: when this driver instance cannot publish (a
+            ZeroMQ one made without C{bind} or C{relay}).
+        """
 
     def get_subscriber():
         """@return: a new L{ISubscriber} (not yet initialized)."""
@@ -72,6 +87,8 @@ class ISubscriber(Interface):
     counters = Attribute(
         "A Counter of received, delivered, undecodable, oversized, gaps, "
         "duplicates, filtered and callback_errors messages, and restarts.")
+    topics = Attribute("The set of registered topics (text), C{\"D\"} once initialized.")
+    addresses = Attribute("The set of registered publisher addresses (text).")
 
     def initialize(callback):
         """
@@ -88,16 +105,19 @@ class ISubscriber(Interface):
     def unregister_topic(topic):
         """@return: Deferred firing with None once C{topic} is unsubscribed."""
 
-    def register_listen_address(uri):
+    def register_listen_address(uri, server_key=None):
         """
         Also receive from the publisher at C{uri} (drivers that connect to
-        publishers; a broker driver accepts and ignores it).
+        publishers; a broker driver only records it).  C{server_key} is the
+        publisher's CURVE public key (z85), for a ZeroMQ subscriber with
+        CURVE; other drivers ignore it.
 
-        @return: Deferred firing with None.
+        @return: Deferred firing with None; errbacks with L{SubscribeError}
+            when the driver cannot use the address or the key.
         """
 
     def unregister_listen_address(uri):
-        """@return: Deferred firing with None."""
+        """@return: Deferred firing with None once C{uri} is forgotten."""
 
     def close():
         """@return: Deferred firing with None once released."""
@@ -165,14 +185,18 @@ class SubscriberBase:
         self._last_seq: dict[tuple[str, str], int] = {}
         self._bad_peers: set[str | None] = set()
 
-    def register_listen_address(self, uri: str) -> defer.Deferred[None]:
+    def register_listen_address(self, uri: str, server_key: str | bytes | None = None
+                                ) -> defer.Deferred[None]:
         """For a brokered driver (Redis, in memory) there are no publisher
-        addresses to connect to: the address is only recorded.  ZeroMQ
-        overrides this."""
+        addresses to connect to: the address is only recorded (and
+        C{server_key} ignored).  ZeroMQ overrides this.
+
+        @return: Deferred firing with None (at once)."""
         self.addresses.add(uri)
         return defer.succeed(None)
 
     def unregister_listen_address(self, uri: str) -> defer.Deferred[None]:
+        """@return: Deferred firing with None (at once)."""
         self.addresses.discard(uri)
         return defer.succeed(None)
 

@@ -17,10 +17,11 @@ own is read too.  A directory of public keys means every C{*.key} file in
 it (the C{*.key_secret} files next to them are never read as public keys).
 
 The ZAP handler (RFC 27) is a ROUTER socket bound at
-C{inproc://zeromq.zap.01} in the process's one ZeroMQ context, read on the
-reactor like every other socket (pyzmq's C{ThreadAuthenticator} would need
-a thread).  One handler serves every CURVE server socket of the process:
-each socket has its own ZAP domain, registered with its allowed keys.
+C{inproc://zeromq.zap.01} in a reactor's ZeroMQ context
+(L{dftx.pubsub.zmq_socket.context}), read on the reactor like every other
+socket (pyzmq's C{ThreadAuthenticator} would need a thread).  One handler
+serves every CURVE server socket of that context: each socket has its own
+ZAP domain, registered with its allowed keys.
 A request for an unknown domain, a mechanism other than CURVE or a key not
 allowed is answered 400; an allowed key 200.  The server sockets also set
 C{ZMQ_ZAP_ENFORCE_DOMAIN}, so that a missing handler refuses everybody
@@ -41,6 +42,13 @@ from typing import Any, Iterable
 import zmq
 from twisted.logger import Logger
 from zmq.utils import z85
+
+from dftx.pubsub.zmq_socket import ZmqContext, ZmqSocket, context
+
+__all__ = [
+    "CurveSettings", "KeyPair", "ZapHandler", "apply_client", "apply_server",
+    "load_key_pair", "load_public_keys", "write_key_pair", "zap_handler",
+]
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
@@ -210,6 +218,23 @@ class CurveSettings:
         return cls(load_key_pair(df.zmq_curve_secret_key_file),
                    load_public_keys(df.zmq_curve_allowed_keys), servers)
 
+    def trusted_server_key(self, server_key: str | bytes | None) -> bytes:
+        """
+        The publisher's server key a subscriber may connect with: C{server_key}
+        (z85) when it is one of L{servers} (or L{servers} is None); the one
+        key of L{servers} when C{server_key} is None.
+
+        @raise ValueError: when the key is missing, malformed or untrusted.
+        """
+        if server_key is None:
+            if self.servers is not None and len(self.servers) == 1:
+                return next(iter(self.servers))
+            raise ValueError("CURVE is on and the publisher's server key is unknown")
+        key = _key(server_key, "the publisher's server key")
+        if self.servers is not None and key not in self.servers:
+            raise ValueError(f"server key {key.decode()} is not in zmq_curve_server_keys")
+        return key
+
 
 def apply_server(socket: zmq.Socket, keys: KeyPair, domain: str) -> None:
     """Make C{socket} a CURVE server with C{keys} in ZAP domain C{domain}
@@ -231,19 +256,18 @@ def apply_client(socket: zmq.Socket, keys: KeyPair) -> None:
 
 class ZapHandler:
     """
-    The process's ZAP handler (see the module docstring); get it with
-    L{zap_handler}.  C{counters[domain]} counts C{allowed} and C{denied}
-    requests per domain.
+    The ZAP handler of a reactor's ZeroMQ context (see the module
+    docstring); get it with L{zap_handler}.  C{counters[domain]} counts
+    C{allowed} and C{denied} requests per domain.
     """
 
-    def __init__(self) -> None:
-        from dftx.pubsub.zmq import ZmqSocket  # the socket type lives there
-
+    def __init__(self, reactor: Any = None) -> None:
         self.domains: dict[str, frozenset[bytes]] = {}
         self.counters: dict[str, Counter[str]] = {}
         self._denied_logged: dict[str, set[bytes]] = {}
         self._names = itertools.count(1)
-        self.socket = ZmqSocket(zmq.ROUTER, "ZAP handler", on_message=self._request)
+        self.socket = ZmqSocket(zmq.ROUTER, "ZAP handler", on_message=self._request,
+                                reactor=reactor)
         self.socket.bind(ZAP_ENDPOINT)
         self.socket._wake()  # the fd is edge-triggered: look once anyway
 
@@ -311,13 +335,17 @@ class ZapHandler:
             .addErrback(lambda f: log.failure("ZAP reply failed", f))
 
 
-_handler: ZapHandler | None = None
+_handlers: dict[ZmqContext, ZapHandler] = {}
 
 
-def zap_handler() -> ZapHandler:
-    """The process's one ZAP handler, bound on first use in the context of
-    L{dftx.pubsub.zmq.factory} (it stays bound until that is terminated)."""
-    global _handler
-    if _handler is None or _handler.socket.socket is None:
-        _handler = ZapHandler()
-    return _handler
+def zap_handler(reactor: Any = None) -> ZapHandler:
+    """The one ZAP handler of C{reactor}'s ZeroMQ context (default: the
+    global reactor's), bound on first use; it stays bound until that
+    context is terminated (at the reactor's shutdown)."""
+    ctx = context(reactor)
+    handler = _handlers.get(ctx)
+    if handler is None or handler.socket.socket is None:
+        for stale in [c for c, h in _handlers.items() if h.socket.socket is None]:
+            del _handlers[stale]
+        handler = _handlers[ctx] = ZapHandler(ctx.reactor)
+    return handler
