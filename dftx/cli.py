@@ -161,7 +161,7 @@ def _line(update: Any, as_json: bool) -> str:
 
 
 async def tail(args: argparse.Namespace, out: Any) -> None:
-    from dftx.pubsub.registry import Discovery
+    from dftx.registry import Discovery
 
     if not args.config:
         raise UserError("tail needs --config (the pub/sub settings)")

@@ -55,7 +55,7 @@ from dftx.ha import HA_TOPIC, topology_from_update
 from dftx.http import Metric
 from dftx.nb import NbApi, db_from_config
 from dftx.publisher import advertised_uri, curve_status, zmq_address
-from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
+from dftx.registry import PUBLISHER_TABLE, Discovery, Registration
 from dftx.update import DBRESTART, PORT_STATUS_TABLE, DbUpdate
 
 log = Logger()

@@ -49,7 +49,7 @@ from dftx.cache import Mirror
 from dftx.ha import ClusterWatcher
 from dftx.http import Metric
 from dftx.nb import NbApi, db_from_config
-from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
+from dftx.registry import PUBLISHER_TABLE, Discovery, Registration
 from dftx.pubsub.zmq import ZmqPublisher, ZmqRelay
 from dftx.update import PORT_STATUS_TABLE, DbUpdate
 

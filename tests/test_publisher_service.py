@@ -19,7 +19,7 @@ from twisted.internet import defer
 from dftx.codec import encode
 from dftx.config import LOCAL_CONTROLLER, NEUTRON_SERVER
 from dftx.db.redis import RedisDbDriver
-from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration, read_rows
+from dftx.registry import PUBLISHER_TABLE, Discovery, Registration, read_rows
 from dftx.pubsub.zmq import ZmqPubSub, ZmqSocket
 from dftx.servers import ChildProcess, CommandFailed, free_port, poll, run
 from dftx.update import DbUpdate

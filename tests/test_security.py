@@ -27,7 +27,7 @@ from dftx.db.redis import RedisDbDriver
 from dftx.errors import ConfigError, DBConnectionError, PublishError, SubscribeError
 from dftx.pubsub import curve
 from dftx.pubsub.curve import CurveSettings, KeyPair, load_key_pair, load_public_keys
-from dftx.pubsub.registry import Discovery, Registration, read_rows
+from dftx.registry import Discovery, Registration, read_rows
 from dftx.pubsub.zmq import ZmqPubSub, ZmqRelay
 from dftx.servers import DftxService, free_port, poll
 
