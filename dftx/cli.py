@@ -30,6 +30,7 @@ from typing import Any
 from twisted.internet import defer, task
 
 from dftx import config as dfconfig
+from dftx.deferreds import deferred
 from dftx.errors import DftxError
 
 __all__ = ["COMMANDS", "UserError", "main", "parser", "run"]
@@ -288,11 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     codes: list[int] = []
 
+    @deferred
     async def _main(reactor: Any) -> None:
         codes.append(await run(argv, reactor=reactor))
 
     try:
-        task.react(lambda reactor: defer.ensureDeferred(_main(reactor)))
+        task.react(_main)
     except SystemExit as e:
         if e.code not in (0, None) or not codes:
             raise

@@ -19,8 +19,9 @@ still get the C{dbrestart} those publishers send.  Nor are rows judged
 stale on time the table could not be read: for C{timeout / 3} plus one
 C{interval} after reads work again, connections are kept, so that a live
 publisher, which could not write its row either, has the time to refresh
-it.  Between reads, two things make it react sooner: a publisher announces its own row's creation and deletion as a L{DbUpdate} of
-table C{publisher} on C{"D"} (so its subscribers drop it at once on a clean
+it.  Between reads, two things make it react sooner: a publisher
+announces its own row's creation and deletion as a L{DbUpdate} of table
+C{publisher} on C{"D"} (so its subscribers drop it at once on a clean
 stop), and the owner of the subscriber passes every update it receives to
 L{Discovery.observe}, which acts on those and re-reads the table on a
 C{dbrestart} or C{sync}.  A new publisher cannot announce itself to
@@ -145,20 +146,12 @@ class Registration(service.Service):
     the next one.
     """
 
-    def __init__(
-        self,
-        db: Any,
-        publisher_id: str,
-        uri: str,
-        role: str,
-        timeout: float,
-        publisher: Any = None,
-        clean_stale: bool = False,
-        clock: IReactorTime | None = None,
-        curve_public_key: str | None = None,
-    ) -> None:
+    def __init__(self, db: Any, publisher_id: str, uri: str, role: str, timeout: float,
+                 publisher: Any = None, clean_stale: bool = False,
+                 clock: IReactorTime | None = None,
+                 curve_public_key: str | None = None) -> None:
         other_role(role)  # validates
-        if clock is None:
+        if clock is None:  # an embedding application may omit it
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.db = db
         self.id = publisher_id
@@ -246,16 +239,9 @@ class Discovery(service.Service):
         C{timeout / 3}).
     """
 
-    def __init__(
-        self,
-        db: Any,
-        subscriber: Any,
-        role: str,
-        timeout: float,
-        interval: float | None = None,
-        clock: IReactorTime | None = None,
-    ) -> None:
-        if clock is None:
+    def __init__(self, db: Any, subscriber: Any, role: str, timeout: float,
+                 interval: float | None = None, clock: IReactorTime | None = None) -> None:
+        if clock is None:  # an embedding application may omit it
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.db = db
         self.subscriber = subscriber
