@@ -35,8 +35,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.deferreds import gather
+from dftx.deferreds import deferred, gather
 from dftx.update import CREATE, DBRESTART, DELETE, SEND_ALL_TOPIC, SET, SYNC, DbUpdate
+
+__all__ = ["LocalCache", "Mirror", "Observer", "Snapshot", "row_topic"]
 
 log = Logger()
 Observer = Callable[[DbUpdate], Any]
@@ -182,7 +184,8 @@ class Mirror:
     arrive while one runs are merged into the next run; a resync that fails
     (the database unreachable during a failover) is retried after a delay
     that doubles up to C{max_delay} seconds.  Every real change goes to the
-    observers.
+    observers.  C{clock} times the retries (default: the global reactor,
+    for an embedding application that does not give one).
 
     @ivar counters: C{changes}, C{resyncs}, C{resync_errors},
         C{resync_changes}, C{observer_errors}.
@@ -190,7 +193,7 @@ class Mirror:
 
     def __init__(self, db: Any, tables: Iterable[str], topics: Iterable[str] = (),
                  clock: IReactorTime | None = None, max_delay: float = 5.0) -> None:
-        if clock is None:
+        if clock is None:  # an embedding application may omit it
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.db = db
         self.cache = LocalCache(tables)
@@ -311,7 +314,7 @@ class _Coalesced:
         waiter: defer.Deferred[None] = defer.Deferred()
         self._merge(scope, [waiter])
         if self._running is None:
-            running = defer.ensureDeferred(self._loop())
+            running = self._loop()
             if not running.called:  # a run that ended at once has cleared it
                 self._running = running
         return waiter
@@ -321,6 +324,7 @@ class _Coalesced:
         self._waiters = waiters + self._waiters
         self._wanted = True
 
+    @deferred
     async def _loop(self) -> None:
         delay = self._delay
         try:

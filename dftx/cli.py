@@ -30,7 +30,10 @@ from typing import Any
 from twisted.internet import defer, task
 
 from dftx import config as dfconfig
+from dftx.deferreds import deferred
 from dftx.errors import DftxError
+
+__all__ = ["COMMANDS", "UserError", "main", "parser", "run"]
 
 
 class UserError(Exception):
@@ -85,10 +88,14 @@ async def _db(args: argparse.Namespace) -> Any:
     return db
 
 
-async def topology(args: argparse.Namespace, out: Any) -> None:
+async def topology(args: argparse.Namespace, out: Any, reactor: Any) -> None:
     db = await _db(args)
     try:
-        t = db.client.topology
+        client = getattr(db, "client", None)
+        if client is None:
+            raise UserError("no cluster topology: the NB DB driver is not redis "
+                            "([df] nb_db_driver)")
+        t = client.topology
         for master, info in t.as_dict()["masters"].items():
             slots = " ".join(f"{a}-{b}" for a, b in info["slots"])
             replicas = ", ".join(info["replicas"]) or "none"
@@ -97,7 +104,7 @@ async def topology(args: argparse.Namespace, out: Any) -> None:
         await db.close()
 
 
-async def ls(args: argparse.Namespace, out: Any) -> None:
+async def ls(args: argparse.Namespace, out: Any, reactor: Any) -> None:
     db = await _db(args)
     try:
         for topic, key, value in sorted(await db.get_all_rows(args.table, args.topic),
@@ -107,7 +114,7 @@ async def ls(args: argparse.Namespace, out: Any) -> None:
         await db.close()
 
 
-async def get(args: argparse.Namespace, out: Any) -> None:
+async def get(args: argparse.Namespace, out: Any, reactor: Any) -> None:
     db = await _db(args)
     try:
         out.write(await db.get_key(args.table, args.key, args.topic) + "\n")
@@ -126,7 +133,7 @@ def _pubsub(cfg: dfconfig.Config, relay: bool) -> Any:
     return pubsub.from_config(cfg)
 
 
-async def publish(args: argparse.Namespace, out: Any) -> None:
+async def publish(args: argparse.Namespace, out: Any, reactor: Any) -> None:
     from dftx.nb import NbApi
 
     if not args.config:
@@ -160,8 +167,8 @@ def _line(update: Any, as_json: bool) -> str:
     return f"{update.topic} {update.action} {update.table}/{update.key} {update.value or ''}"
 
 
-async def tail(args: argparse.Namespace, out: Any) -> None:
-    from dftx.pubsub.registry import Discovery
+async def tail(args: argparse.Namespace, out: Any, reactor: Any) -> None:
+    from dftx.registry import Discovery
 
     if not args.config:
         raise UserError("tail needs --config (the pub/sub settings)")
@@ -187,7 +194,8 @@ async def tail(args: argparse.Namespace, out: Any) -> None:
             await sub.register_topic(topic)
         await sub.initialize(on_update)
         if cfg.df.pub_sub_driver == "zmq":
-            discovery = Discovery(db, sub, dfconfig.LOCAL_CONTROLLER, cfg.df.publisher_timeout)
+            discovery = Discovery(db, sub, dfconfig.LOCAL_CONTROLLER, cfg.df.publisher_timeout,
+                                  clock=reactor)
             discovery.startService()
             await discovery.ready
         await done
@@ -198,8 +206,7 @@ async def tail(args: argparse.Namespace, out: Any) -> None:
         await db.close()
 
 
-async def status(args: argparse.Namespace, out: Any) -> None:
-    from twisted.internet import reactor
+async def status(args: argparse.Namespace, out: Any, reactor: Any) -> None:
     from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
     url = args.url if "/v1/" in args.url else args.url.rstrip("/") + "/v1/status"
@@ -238,7 +245,7 @@ def _print_tree(data: Any, out: Any, depth: int) -> None:
         out.write(f"{pad}{data}\n")
 
 
-async def curve_keygen(args: argparse.Namespace, out: Any) -> None:
+async def curve_keygen(args: argparse.Namespace, out: Any, reactor: Any) -> None:
     from dftx.pubsub.curve import load_key_pair, write_key_pair
 
     try:
@@ -255,11 +262,17 @@ COMMANDS = {"topology": topology, "ls": ls, "get": get, "publish": publish, "tai
             "status": status, "curve-keygen": curve_keygen}
 
 
-async def run(argv: list[str], out: Any = sys.stdout, err: Any = sys.stderr) -> int:
-    """Run one command.  @return: the exit status."""
+async def run(argv: list[str], out: Any = sys.stdout, err: Any = sys.stderr,
+              reactor: Any = None) -> int:
+    """
+    Run one command with C{reactor} (a caller that runs the global reactor
+    may omit it).  @return: the exit status.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
     args = parser().parse_args(argv)
     try:
-        await COMMANDS[args.command](args, out)
+        await COMMANDS[args.command](args, out, reactor)
     except (UserError, DftxError, OSError, KeyError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         err.write(f"dftx {args.command}: {message}\n")
@@ -272,11 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     codes: list[int] = []
 
+    @deferred
     async def _main(reactor: Any) -> None:
-        codes.append(await run(argv))
+        codes.append(await run(argv, reactor=reactor))
 
     try:
-        task.react(lambda reactor: defer.ensureDeferred(_main(reactor)))
+        task.react(_main)
     except SystemExit as e:
         if e.code not in (0, None) or not codes:
             raise

@@ -2,8 +2,8 @@
 Configuration: one INI file per service, read into typed, validated settings.
 
 The schema is the dataclasses below: each field is one key, with its type
-(the parser), default and meaning, so the operator guide is generated from
-here and cannot drift.  L{load} refuses a file with an unknown section or key,
+(the parser, from L{dftx.config_values}), default and meaning, so the
+operator guide is generated from here and cannot drift.  L{load} refuses a file with an unknown section or key,
 a bad value, or a missing required key, with a L{ConfigError} that names the
 file, section and key.
 
@@ -20,164 +20,26 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
-import ipaddress
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
-from twisted.internet import endpoints
-
-from dftx.db.api import check_table, check_topic
+from dftx.config_values import (
+    boolean, check_tenant_topic, checked_names, choice, client_endpoint, curve_public_keys,
+    curve_secret_key_file, host_ports, integer, ip_address, option, optional_file,
+    optional_text, seconds, server_endpoint, text,
+)
+from dftx.db.api import check_table
 from dftx.errors import ConfigError
 from dftx.update import LOCAL_CONTROLLER, NEUTRON_SERVER, ROLES
 
+__all__ = [
+    "COMMON_SECTIONS", "LOCAL_CONTROLLER", "NEUTRON_SERVER", "ROLES", "SECTIONS", "Config",
+    "DfSettings", "LocalControllerSettings", "NeutronServerSettings", "RedisSettings", "load",
+    "parse",
+]
+
 COMMON_SECTIONS = ("df", "df_redis")
-
-Parser = Callable[[str], Any]
-
-
-def option(default: Any, parse: Parser, help: str, type: str, required: bool = False,
-           secret: bool = False) -> Any:
-    """A settings field: C{default} (typed), the parser of its INI text, docs.
-    A C{secret} one is left out of the settings' C{repr}."""
-    return field(
-        default=default, repr=not secret,
-        metadata={"parse": parse, "help": help, "type": type, "required": required},
-    )
-
-
-# Parsers: INI text -> value, or ValueError saying what is wrong.
-
-def choice(*allowed: str) -> Parser:
-    def parse(text: str) -> str:
-        if text not in allowed:
-            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
-        return text
-    return parse
-
-
-def integer(minimum: int, maximum: int | None = None) -> Parser:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not an integer") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
-            raise ValueError(f"{value} is out of range ({bound})")
-        return value
-    return parse
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{text!r} must be a positive number of seconds")
-    return value
-
-
-def boolean(text: str) -> bool:
-    states = configparser.ConfigParser.BOOLEAN_STATES
-    if text.lower() not in states:
-        raise ValueError(f"{text!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
-    return states[text.lower()]
-
-
-def ip_address(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IP address") from None
-
-
-def text(value: str) -> str:
-    if not value:
-        raise ValueError("must not be empty")
-    return value
-
-
-def optional_file(value: str) -> str:
-    if value and not os.access(value, os.R_OK):
-        raise ValueError(f"{value!r} is not a readable file")
-    return value
-
-
-def curve_secret_key_file(value: str) -> str:
-    """A CURVE key pair file (its secret key is read, never quoted)."""
-    from dftx.pubsub.curve import load_key_pair
-
-    if value:
-        load_key_pair(value)
-    return value
-
-
-def curve_public_keys(value: str) -> str:
-    """A file or directory of CURVE public keys (at least one)."""
-    from dftx.pubsub.curve import load_public_keys
-
-    if value:
-        load_public_keys(value)
-    return value
-
-
-def names(value: str) -> tuple[str, ...]:
-    """Comma-separated names; empty items are dropped."""
-    return tuple(item.strip() for item in value.split(",") if item.strip())
-
-
-def checked_names(check: Callable[[str], None]) -> Parser:
-    """L{names}, each of which C{check} accepts (it raises ValueError)."""
-    def parse(value: str) -> tuple[str, ...]:
-        items = names(value)
-        for item in items:
-            check(item)
-        return items
-    return parse
-
-
-def host_port(text: str) -> str:
-    """C{host:port} or C{[v6]:port}; returned as given, stripped."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{text!r} is not host:port")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise ValueError(f"{text!r} is not host:port")
-        ip_address(host[1:-1])
-    elif ":" in host:
-        raise ValueError(f"{text!r}: write an IPv6 address as [addr]:port")
-    integer(1, 65535)(port)
-    return text
-
-
-def host_ports(value: str) -> tuple[str, ...]:
-    return tuple(host_port(item) for item in names(value))
-
-
-def server_endpoint(value: str) -> str:
-    """A Twisted server endpoint string (tcp:, unix:, ssl:, ...)."""
-    from twisted.internet import reactor  # not at import: twistd picks the reactor
-
-    try:
-        endpoints.serverFromString(reactor, value)
-    except Exception as e:  # parsers raise ValueError, TypeError, KeyError, OSError
-        raise ValueError(f"{value!r} is not a server endpoint: {e}") from None
-    return value
-
-
-def client_endpoint(value: str) -> str:
-    """A Twisted client endpoint string (tcp:, unix:, ssl:, ...)."""
-    from twisted.internet import reactor
-
-    try:
-        endpoints.clientFromString(reactor, value)
-    except Exception as e:
-        raise ValueError(f"{value!r} is not a client endpoint: {e}") from None
-    return value
-
 
 @dataclass(frozen=True)
 class DfSettings:
@@ -239,9 +101,9 @@ class RedisSettings:
         "Replicas each write waits for (Redis WAIT) before it is acknowledged.",
         "integer >= 0")
     username: str = option(
-        "", text, "Redis 6+ ACL user for AUTH (empty: the default user).", "text")
+        "", optional_text, "Redis 6+ ACL user for AUTH (empty: the default user).", "text")
     password: str = option(
-        "", text, "Password sent with AUTH on every connection (empty: no AUTH). "
+        "", optional_text, "Password sent with AUTH on every connection (empty: no AUTH). "
         "Never logged or shown in /v1/status.", "text", secret=True)
     tls: bool = option(False, boolean, "Connect to Redis over TLS.", "boolean")
     ca_file: str = option(
@@ -296,8 +158,9 @@ class LocalControllerSettings:
         "NB tables cached locally; updates for other tables are ignored.",
         "comma-separated names")
     topics: tuple[str, ...] = option(
-        (), checked_names(check_topic),
-        "Tenant topics to subscribe to beyond \"D\" (more can be added at run time).",
+        (), checked_names(check_tenant_topic),
+        "Tenant topics to subscribe to beyond \"D\" (more can be added at run time; "
+        "\"D\" and \"redis\" are reserved).",
         "comma-separated names")
     db_sync_time: float = option(
         120.0, seconds, "Seconds between periodic safety resyncs with the NB DB.",

@@ -40,35 +40,38 @@ row (or C{zmq_curve_server_keys}); see doc/security.md.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from typing import Any, Iterable
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from dftx import config as dfconfig
-from dftx import http, pubsub, runner
-from dftx.cache import Mirror, Observer
+from dftx import http, runner
+from dftx.cache import Observer
+from dftx.config_values import check_tenant_topic
+from dftx.deferreds import deferred
 from dftx.errors import DftxError
 from dftx.ha import HA_TOPIC, topology_from_update
 from dftx.http import Metric
-from dftx.nb import NbApi, db_from_config
-from dftx.publisher import advertised_uri, curve_status, zmq_address
-from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
-from dftx.update import DBRESTART, PORT_STATUS_TABLE, DbUpdate
+from dftx.nb import NbApi
+from dftx.service import RoleService
+from dftx.update import DBRESTART, LOCAL_CONTROLLER, PORT_STATUS_TABLE, DbUpdate
+
+__all__ = ["CHASSIS_TABLE", "ControllerService", "Options", "makeService", "port_fields"]
 
 log = Logger()
 
 CHASSIS_TABLE = "chassis"
 
 
-class ControllerService(runner.RoleService):
+class ControllerService(RoleService):
     """
-    The dfcontroller service for a loaded L{dftx.config.Config}.
+    The dfcontroller service for a loaded L{dftx.config.Config}, run with
+    C{reactor} (an embedding application may omit it: the global reactor).
 
-    @ivar mirror: the L{Mirror} of the tables in [df_local_controller]
-        tables; C{mirror.cache} is the L{LocalCache}.
+    @ivar mirror: the L{dftx.cache.Mirror} of the tables in
+        [df_local_controller] tables; C{mirror.cache} (also L{cache}) is the
+        L{dftx.cache.LocalCache}.
     @ivar ports: the online ports (the OVSDB monitor's C{ports}), by uuid.
     @ivar counters: updates, port_status_writes, port_status_errors,
         chassis_writes, chassis_errors, ha_topologies (the mirror has its
@@ -76,28 +79,17 @@ class ControllerService(runner.RoleService):
     """
 
     name = "dfcontroller"
+    role = LOCAL_CONTROLLER
+    extra_topics = frozenset({HA_TOPIC})
 
-    def __init__(self, config: dfconfig.Config, clock: IReactorTime | None = None) -> None:
-        super().__init__(config)
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
-        self.clock = clock
+    def __init__(self, config: dfconfig.Config, reactor: Any = None) -> None:
         lc = config.df_local_controller
+        super().__init__(config, lc.tables, lc.topics, reactor)
         self.chassis = lc.chassis_name
-        self.db = db_from_config(config)
-        self.mirror = Mirror(self.db, lc.tables, lc.topics, clock)
         self.cache = self.mirror.cache
-        self.counters: Counter[str] = Counter()
         self.nb: NbApi | None = None
-        self.publisher: Any = None
-        self.subscriber: Any = None
-        self.registration: Registration | None = None
-        self.discovery: Discovery | None = None
         self.monitor: Any = None
-        self.root = http.StatusRoot(self)
-        self.root.v1.putChild(b"tables", http.Tables(self.cache.values))
         self.root.v1.putChild(b"ports", http.JsonLeaf(self.online_ports))
-        self._http_port: Any = None
         self._sync_loop: task.LoopingCall | None = None
         # This node's own rows waiting to be written: (table, key) -> value.
         self._own_writes: dict[tuple[str, str], str] = {}
@@ -108,32 +100,47 @@ class ControllerService(runner.RoleService):
 
     def add_observer(self, observer: Observer) -> None:
         """Call C{observer(update)} with every change made to the cache
-        (see L{Mirror.add_observer})."""
+        (see L{dftx.cache.Mirror.add_observer})."""
         self.mirror.add_observer(observer)
 
     def remove_observer(self, observer: Observer) -> None:
         self.mirror.remove_observer(observer)
 
-    def register_topic(self, topic: str) -> defer.Deferred[None]:
-        """Subscribe to a tenant topic and load its rows.  @return: Deferred
-        firing once they are in the cache."""
-        return defer.ensureDeferred(self._register_topic(topic))
+    @deferred
+    async def register_topic(self, topic: str) -> None:
+        """
+        Subscribe to a tenant topic and load its rows (before start: it is
+        subscribed at start).
 
-    async def _register_topic(self, topic: str) -> None:
-        if self.subscriber is None:  # not started yet: subscribed at start
+        @return: Deferred firing with None once they are in the cache;
+            failing with L{dftx.errors.InvalidNameError} for a reserved
+            topic (C{"D"}, or C{"redis"}, the HA topic) or one the NB DB
+            cannot store.
+        """
+        check_tenant_topic(topic)
+        if self.subscriber is None:
             self.mirror.topics.add(topic)
             return
         await self.subscriber.register_topic(topic)
         await self.mirror.add_topic(topic)
 
-    def unregister_topic(self, topic: str) -> defer.Deferred[None]:
-        """Unsubscribe from a tenant topic and drop its rows (observers see
-        their deletion).  @return: Deferred firing once done."""
-        return self.subscriber.unregister_topic(topic).addCallback(
-            lambda _: self.mirror.remove_topic(topic))
+    @deferred
+    async def unregister_topic(self, topic: str) -> None:
+        """
+        Unsubscribe from a tenant topic and drop its rows (observers see
+        their deletion; before start, it is only not subscribed at start).
+
+        @return: Deferred firing with None once done; failing with
+            L{dftx.errors.InvalidNameError} for a reserved topic.
+        """
+        check_tenant_topic(topic)
+        if self.subscriber is not None:
+            await self.subscriber.unregister_topic(topic)
+        self.mirror.remove_topic(topic)
 
     def resync(self, topics: Iterable[str] | None = None) -> defer.Deferred[None]:
-        """Make the cache equal to the database (see L{Mirror.resync})."""
+        """Make the cache equal to the database (see L{dftx.cache.Mirror.resync}).
+        @return: Deferred firing with None once a resync has run."""
         return self.mirror.resync(topics)
 
     def online_ports(self) -> list[dict[str, Any]]:
@@ -147,42 +154,18 @@ class ControllerService(runner.RoleService):
 
     # --- life cycle -----------------------------------------------------------------
 
-    async def _start(self) -> None:
-        cfg, lc = self.config, self.config.df_local_controller
-        self._http_port = await http.listen(lc.http_endpoint, self.root)
-        self.missing = "NB database not connected"
-        await self.db.initialize()
-        self.missing = "publisher not bound"
-        bind = zmq_address(lc.publisher_bind_address, lc.publisher_port)
-        self.publisher = pubsub.from_config(cfg, bind=bind).get_publisher()
-        await self.publisher.initialize()
+    async def _bound(self) -> None:
+        """Write this node's chassis row through its own publisher."""
         self.nb = NbApi(self.db, self.publisher)
-        self.missing = "not registered"
         await self.nb.create(CHASSIS_TABLE, self.chassis, self._chassis_row())
-        uri = advertised_uri(lc.publisher_bind_address, lc.publisher_port, cfg.df.management_ip)
-        self.registration = Registration(
-            self.db, self.publisher.id, uri, dfconfig.LOCAL_CONTROLLER,
-            cfg.df.publisher_timeout, publisher=self.publisher, clock=self.clock,
-            curve_public_key=getattr(self.publisher, "public_key", None))
-        self.registration.startService()
-        await self.registration.started
-        self.missing = "not subscribed"
-        self.subscriber = pubsub.from_config(cfg).get_subscriber()
-        for topic in sorted(self.mirror.topics | {HA_TOPIC}):
-            await self.subscriber.register_topic(topic)
-        await self.subscriber.initialize(self._received)
-        if pubsub.needs_discovery(cfg):
-            self.discovery = Discovery(self.db, self.subscriber, dfconfig.LOCAL_CONTROLLER,
-                                       cfg.df.publisher_timeout, clock=self.clock)
-            self.discovery.startService()
-            await self.discovery.ready
-        self.missing = "initial load"
-        await self.resync()
+
+    async def _loaded(self) -> None:
+        """Start the periodic resync and the OVSDB monitor."""
+        lc = self.settings
         self._sync_loop = task.LoopingCall(self.resync)
-        self._sync_loop.clock = self.clock
+        self._sync_loop.clock = self.reactor
         self._sync_loop.start(lc.db_sync_time, now=False)
         self._start_monitor(lc.ovsdb_connection)
-        self.missing = None
         log.info("dfcontroller {chassis} ready: {rows} rows of {tables}, topics {topics}",
                  chassis=self.chassis, rows=len(self.cache), tables=sorted(self.cache.tables),
                  topics=sorted(self.mirror.topics))
@@ -191,42 +174,29 @@ class ControllerService(runner.RoleService):
         from dftx.ovsdb.monitor import InterfaceMonitor
 
         self.monitor = InterfaceMonitor(endpoint, self._port_event,
-                                        on_sync_end=self._ovsdb_synced)
+                                        on_sync_end=self._ovsdb_synced, reactor=self.reactor)
         self.monitor.startService()
 
-    async def _stop(self) -> None:
+    async def _stopping(self) -> None:
         if self._sync_loop is not None and self._sync_loop.running:
             self._sync_loop.stop()
         if self._own_retry is not None and self._own_retry.active():
             self._own_retry.cancel()
         if self.monitor is not None:
             await self.monitor.stopService()
-        if self.discovery is not None and self.discovery.running:
-            await self.discovery.stopService()
-        if self.subscriber is not None:
-            await self.subscriber.close()
-        if self.registration is not None and self.registration.running:
-            await self.registration.stopService()
-        await self.mirror.close()
-        if self.publisher is not None:
-            await self.publisher.close()
-        if self._http_port is not None:
-            await self._http_port.stopListening()
-        if self.db is not None:
-            await self.db.close()
 
     # --- updates ----------------------------------------------------------------------
 
     def _received(self, update: DbUpdate) -> None:
+        """HA topologies are applied; everything else goes to discovery and
+        the mirror, and a C{dbrestart} also makes it write its own rows again."""
         self.counters["updates"] += 1
         if update.topic == HA_TOPIC:
             self._ha_message(update)
             return
-        if self.discovery is not None and (update.is_control or update.table == PUBLISHER_TABLE):
-            self.discovery.observe(update)
         if update.action == DBRESTART:
             self._reannounce()
-        self.mirror.received(update)
+        super()._received(update)
 
     def _ha_message(self, update: DbUpdate) -> None:
         topology = topology_from_update(update)
@@ -262,9 +232,10 @@ class ControllerService(runner.RoleService):
     def _ovsdb_synced(self) -> None:
         """After each initial OVSDB sync: rows of this chassis that say up
         for ports that are gone are set down."""
-        defer.ensureDeferred(self._mark_gone_ports_down()).addErrback(
+        self._mark_gone_ports_down().addErrback(
             lambda f: log.failure("checking port_status after OVSDB sync failed", f))
 
+    @deferred
     async def _mark_gone_ports_down(self) -> None:
         present = {e.iface_id for e in self.ports.values() if e.kind == "vm" and e.iface_id}
         for _, key, value in await self.db.get_all_rows(PORT_STATUS_TABLE):
@@ -286,8 +257,9 @@ class ControllerService(runner.RoleService):
         until it succeeds (only the latest value of a row is written)."""
         self._own_writes[table, key] = value
         if self._own_flush is None:
-            self._own_flush = defer.ensureDeferred(self._flush_own())
+            self._own_flush = self._flush_own()
 
+    @deferred
     async def _flush_own(self) -> None:
         """Write pending rows one at a time; on a failure, retry them all a
         second later."""
@@ -302,7 +274,7 @@ class ControllerService(runner.RoleService):
                     self.counters[f"{table}_errors"] += 1
                     log.warn("writing {table} {key} failed (retrying): {error}",
                              table=table, key=key, error=e)
-                    self._own_retry = self.clock.callLater(1.0, self._retry_own)
+                    self._own_retry = self.reactor.callLater(1.0, self._retry_own)
                     return
                 self.counters[f"{table}_writes"] += 1
                 if self._own_writes.get(row) == value:
@@ -312,31 +284,20 @@ class ControllerService(runner.RoleService):
 
     def _retry_own(self) -> None:
         if self._own_flush is None and self.running:
-            self._own_flush = defer.ensureDeferred(self._flush_own())
+            self._own_flush = self._flush_own()
 
     # --- IStatusSource --------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        topology = getattr(getattr(self.db, "client", None), "topology", None)
-        reg = self.registration
-        sub = self.subscriber
         return {
-            "role": dfconfig.LOCAL_CONTROLLER,
+            **super().status(),
             "chassis": self.chassis,
-            "ready": self.missing is None,
-            "not_ready": self.missing,
-            "publisher": None if reg is None else {"id": reg.id, "uri": reg.uri},
-            "curve": curve_status(self.publisher),
-            "cluster": topology.as_dict() if topology is not None else None,
-            "subscriptions": {
-                "topics": sorted(sub.topics) if sub else [],
-                "publishers": sorted(sub.addresses) if sub else [],
-            },
             "cache": {t: len(self.cache.rows(t)) for t in sorted(self.cache.tables)},
             "ports_online": len(self.ports),
-            "counters": {**self.counters, **self.mirror.counters, **{
-                f"subscriber_{k}": v for k, v in (sub.counters.items() if sub else ())}},
         }
+
+    def _counters(self) -> dict[str, int]:
+        return {**super()._counters(), **self.mirror.counters}
 
     def metrics(self) -> list[Metric]:
         sub = self.subscriber.counters if self.subscriber else {}
@@ -349,8 +310,7 @@ class ControllerService(runner.RoleService):
                         "restarts", "callback_errors"):
             subscriber.add(sub.get(outcome, 0), outcome=outcome)
         return [
-            Metric("dftx_ready", "gauge", "1 once the service is ready.").add(
-                int(self.missing is None), role=dfconfig.LOCAL_CONTROLLER),
+            *super().metrics(),
             rows,
             subscriber,
             Metric("dftx_resyncs_total", "counter", "Resyncs with the NB DB, by result.")
@@ -377,9 +337,9 @@ def port_fields(event: Any) -> dict[str, Any]:
     return {f: getattr(event, f) for f in PORT_FIELDS}
 
 
-def makeService(options: runner.Options) -> ControllerService:
+def makeService(options: runner.Options, reactor: Any) -> ControllerService:
     """twistd's entry point (see L{dftx.runner.make_service})."""
-    return runner.make_service(options, dfconfig.LOCAL_CONTROLLER, ControllerService)
+    return runner.make_service(options, reactor, ControllerService)
 
 
 Options = runner.Options

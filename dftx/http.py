@@ -23,6 +23,11 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web import resource, server
 from zope.interface import Interface
 
+__all__ = [
+    "IStatusSource", "JsonLeaf", "Metric", "StatusRoot", "Tables", "json_body", "listen",
+    "render_metrics",
+]
+
 JSON = b"application/json"
 PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -197,15 +202,16 @@ class StatusRoot(resource.Resource):
         self.putChild(b"v1", self.v1)
 
 
-def listen(endpoint: str, root: resource.Resource) -> defer.Deferred[IListeningPort]:
+def listen(
+    reactor: Any, endpoint: str, root: resource.Resource
+) -> defer.Deferred[IListeningPort]:
     """
-    Serve C{root} on the Twisted server endpoint string C{endpoint}.
+    Serve C{root} on the Twisted server endpoint string C{endpoint}, with
+    C{reactor}.
 
     @return: Deferred firing with the listening port (stop it with
         C{stopListening}); errbacks when the endpoint cannot listen.
     """
-    from twisted.internet import reactor
-
     site = server.Site(root)
     site.displayTracebacks = False
     return endpoints.serverFromString(reactor, endpoint).listen(site)

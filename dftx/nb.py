@@ -30,9 +30,11 @@ from typing import Any, Awaitable, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from dftx.deferreds import Shared, deferred
 from dftx.update import CREATE, DBRESTART, DELETE, SEND_ALL_TOPIC, SET, DbUpdate
+
+__all__ = ["NbApi", "RestartHook"]
 
 RestartHook = Callable[[], Awaitable[Any] | Any]
 
@@ -51,23 +53,24 @@ class NbApi:
         self.db = db
         self.publisher = publisher
         self.on_db_restart = on_db_restart
-        self._restart_waiters: list[defer.Deferred[None]] = []
+        self._restart = Shared()
+        self._restarting = False
 
-    def create(self, table: str, key: str, value: str,
-               topic: str | None = None) -> defer.Deferred[None]:
+    @deferred
+    async def create(self, table: str, key: str, value: str, topic: str | None = None) -> None:
         """
         Write the row (creating or overwriting it), then publish C{create}.
 
         @return: Deferred firing with None; errbacks with the database's
             error, or with L{dftx.errors.PublishError} after deleting the row.
         """
-        return defer.ensureDeferred(self._write(
+        await self._write(
             CREATE, table, key, value, topic,
             lambda: self.db.create_key(table, key, value, topic),
-            lambda: self.db.delete_key(table, key, topic)))
+            lambda: self.db.delete_key(table, key, topic))
 
-    def update(self, table: str, key: str, value: str,
-               topic: str | None = None) -> defer.Deferred[None]:
+    @deferred
+    async def update(self, table: str, key: str, value: str, topic: str | None = None) -> None:
         """
         Overwrite an existing row, then publish C{set}.
 
@@ -76,16 +79,14 @@ class NbApi:
             database's error, or L{dftx.errors.PublishError} after putting
             the previous value back.
         """
-        return defer.ensureDeferred(self._update(table, key, value, topic))
-
-    async def _update(self, table: str, key: str, value: str, topic: str | None) -> None:
         previous = await self.db.get_key(table, key, topic)
         await self._write(
             SET, table, key, value, topic,
             lambda: self.db.set_key(table, key, value, topic),
             lambda: self.db.set_key(table, key, previous, topic))
 
-    def delete(self, table: str, key: str, topic: str | None = None) -> defer.Deferred[None]:
+    @deferred
+    async def delete(self, table: str, key: str, topic: str | None = None) -> None:
         """
         Delete an existing row, then publish C{delete}.
 
@@ -94,9 +95,6 @@ class NbApi:
             database's error, or L{dftx.errors.PublishError} after
             re-creating the row.
         """
-        return defer.ensureDeferred(self._delete(table, key, topic))
-
-    async def _delete(self, table: str, key: str, topic: str | None) -> None:
         previous = await self.db.get_key(table, key, topic)
         await self._write(
             DELETE, table, key, None, topic,
@@ -141,20 +139,17 @@ class NbApi:
         @return: Deferred firing with None when done; errbacks with the
             hook's error (nothing is published then) or the publish error.
         """
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._restart_waiters.append(waiter)
-        if len(self._restart_waiters) == 1:
-            defer.ensureDeferred(self._db_restart()).addBoth(self._restarted)
+        waiter = self._restart.wait()
+        if not self._restarting:
+            self._restarting = True
+            self._db_restart().addBoth(self._restarted)
         return waiter
 
     def _restarted(self, result: Any) -> None:
-        waiters, self._restart_waiters = self._restart_waiters, []
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(None)
+        self._restarting = False
+        self._restart.fire(result)
 
+    @deferred
     async def _db_restart(self) -> None:
         if self.on_db_restart is not None:
             await defer.maybeDeferred(self.on_db_restart)

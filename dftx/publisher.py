@@ -44,82 +44,45 @@ from typing import Any
 from twisted.logger import Logger
 
 from dftx import config as dfconfig
-from dftx import http, pubsub, runner
-from dftx.cache import Mirror
+from dftx import runner
 from dftx.ha import ClusterWatcher
 from dftx.http import Metric
-from dftx.nb import NbApi, db_from_config
-from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
+from dftx.nb import NbApi
 from dftx.pubsub.zmq import ZmqPublisher
 from dftx.pubsub.zmq_relay import ZmqRelay
-from dftx.update import PORT_STATUS_TABLE, DbUpdate
+from dftx.service import RoleService
+from dftx.update import NEUTRON_SERVER, PORT_STATUS_TABLE
+
+__all__ = ["Options", "PublisherService", "makeService"]
 
 log = Logger()
 
 
-
-def zmq_address(host: str, port: int) -> str:
-    """C{tcp://host:port}, an IPv6 host in brackets."""
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-
-
-def advertised_uri(bind_address: str, port: int, management_ip: str) -> str:
+class PublisherService(RoleService):
     """
-    The uri others connect to: the bind address, or C{management_ip} when
-    it binds every address (0.0.0.0 or ::).
-    """
-    host = management_ip if bind_address in ("0.0.0.0", "::") else bind_address
-    return zmq_address(host, port)
-
-
-def curve_status(publisher: Any) -> dict[str, Any] | None:
-    """What /v1/status says about CURVE (public data only); None without it."""
-    settings = getattr(publisher, "curve", None)
-    if settings is None:
-        return None
-    return {
-        "public_key": publisher.public_key,
-        "allowed_client_keys": len(settings.allowed),
-        "trusted_server_keys": None if settings.servers is None else len(settings.servers),
-        "clients": publisher.curve_counters,
-    }
-
-
-class PublisherService(runner.RoleService):
-    """
-    The dfpublisher service for a loaded L{dftx.config.Config}.
+    The dfpublisher service for a loaded L{dftx.config.Config}, run with
+    C{reactor} (an embedding application may omit it: the global reactor).
     L{exit_code} is 1 once starting failed.
 
-    @ivar port_status: the L{Mirror} of table C{port_status}.
+    @ivar port_status: the L{dftx.cache.Mirror} of table C{port_status}
+        (its L{mirror}).
     """
 
     name = "dfpublisher"
+    role = NEUTRON_SERVER
+    clean_stale = True
 
-    def __init__(self, config: dfconfig.Config) -> None:
-        super().__init__(config)
-        self.db = db_from_config(config)
-        self.port_status = Mirror(self.db, [PORT_STATUS_TABLE])
-        self.publisher: Any = None
+    def __init__(self, config: dfconfig.Config, reactor: Any = None) -> None:
+        super().__init__(config, [PORT_STATUS_TABLE], reactor=reactor)
+        self.port_status = self.mirror
         self.relay: ZmqRelay | None = None
-        self.registration: Registration | None = None
-        self.subscriber: Any = None
-        self.discovery: Discovery | None = None
         self.watcher: ClusterWatcher | None = None
-        self.root = http.StatusRoot(self)
-        self.root.v1.putChild(b"tables", http.Tables(self.port_status.cache.values))
-        self._http_port: Any = None
 
     # --- lifecycle ---------------------------------------------------------------
 
-    async def _start(self) -> None:
-        cfg, ns = self.config, self.config.neutron_server
-        self._http_port = await http.listen(ns.http_endpoint, self.root)
-        self.missing = "NB database not connected"
-        await self.db.initialize()
-        self.missing = "publisher not bound"
-        bind = zmq_address(ns.publisher_bind_address, ns.publisher_port)
-        self.publisher = pubsub.from_config(cfg, bind=bind).get_publisher()
-        await self.publisher.initialize()
+    async def _bound(self) -> None:
+        """With ZeroMQ and pub_sub_use_multiproc, relay the ipc socket."""
+        ns = self.settings
         if isinstance(self.publisher, ZmqPublisher) and ns.pub_sub_use_multiproc:
             path = ns.publisher_multiproc_socket
             # A new directory: only the owner and its group reach the socket
@@ -127,86 +90,40 @@ class PublisherService(runner.RoleService):
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             self.relay = ZmqRelay(f"ipc://{path}", self.publisher)
             self.relay.start()
-        self.missing = "not registered"
-        uri = advertised_uri(ns.publisher_bind_address, ns.publisher_port, cfg.df.management_ip)
-        self.registration = Registration(
-            self.db, self.publisher.id, uri, dfconfig.NEUTRON_SERVER,
-            cfg.df.publisher_timeout, publisher=self.publisher, clean_stale=True,
-            curve_public_key=getattr(self.publisher, "public_key", None))
-        self.registration.startService()
-        await self.registration.started
-        self.missing = "not subscribed"
-        self.subscriber = pubsub.from_config(cfg).get_subscriber()
-        await self.subscriber.register_topic("D")
-        await self.subscriber.initialize(self._received)
-        if pubsub.needs_discovery(cfg):
-            self.discovery = Discovery(self.db, self.subscriber, dfconfig.NEUTRON_SERVER,
-                                       cfg.df.publisher_timeout)
-            self.discovery.startService()
-            await self.discovery.ready
-        self.missing = "initial load"
-        await self.port_status.resync()
+
+    async def _loaded(self) -> None:
+        """With the Redis NB driver, start the HA watcher."""
         client = getattr(self.db, "client", None)
         if client is not None:
             nb = NbApi(self.db, self.publisher)
             self.watcher = ClusterWatcher(client, self.publisher,
-                                          cfg.df_redis.cluster_watch_interval,
-                                          on_failover=nb.db_restart)
+                                          self.config.df_redis.cluster_watch_interval,
+                                          on_failover=nb.db_restart, clock=self.reactor)
             self.watcher.startService()
-        self.missing = None
-        log.info("dfpublisher {id} publishing on {uri}{relay}", id=self.publisher.id, uri=uri,
-                 relay=f", relaying ipc://{ns.publisher_multiproc_socket}" if self.relay else "")
+        log.info("dfpublisher {id} publishing on {uri}{relay}", id=self.publisher.id,
+                 uri=self.registration.uri if self.registration else None,
+                 relay=f", relaying {self.relay.address}" if self.relay else "")
 
-    def _received(self, update: DbUpdate) -> None:
-        if self.discovery is not None and (update.is_control or update.table == PUBLISHER_TABLE):
-            self.discovery.observe(update)
-        self.port_status.received(update)
-
-    async def _stop(self) -> None:
+    async def _stopping(self) -> None:
         if self.watcher is not None and self.watcher.running:
             await self.watcher.stopService()
-        if self.discovery is not None and self.discovery.running:
-            await self.discovery.stopService()
-        if self.subscriber is not None:
-            await self.subscriber.close()
-        await self.port_status.close()
-        if self.registration is not None and self.registration.running:
-            await self.registration.stopService()
         if self.relay is not None:
             await self.relay.close()
-        if self.publisher is not None:
-            await self.publisher.close()
-        if self._http_port is not None:
-            await self._http_port.stopListening()
-        await self.db.close()
 
     # --- IStatusSource -------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        topology = getattr(getattr(self.db, "client", None), "topology", None)
-        reg = self.registration
-        sub = self.subscriber
+        status = super().status()
+        if status["publisher"] is not None:
+            status["publisher"]["bound"] = getattr(self.publisher, "uri", None)
         return {
-            "role": dfconfig.NEUTRON_SERVER,
-            "ready": self.missing is None,
-            "not_ready": self.missing,
-            "publisher": None if reg is None else {
-                "id": reg.id, "uri": reg.uri,
-                "bound": getattr(self.publisher, "uri", None),
-            },
+            **status,
             "relay": None if self.relay is None else self.relay.address,
-            "curve": curve_status(self.publisher),
-            "cluster": topology.as_dict() if topology is not None else None,
-            "subscriptions": {
-                "topics": sorted(sub.topics) if sub else [],
-                "publishers": sorted(sub.addresses) if sub else [],
-            },
             "port_status_rows": len(self.port_status.cache),
-            "counters": self._counters(),
         }
 
     def _counters(self) -> dict[str, int]:
-        counters: dict[str, int] = {}
+        counters = super()._counters()
         if self.relay is not None:
             counters.update({f"relay_{k}": v for k, v in self.relay.counters.items()})
         if self.registration is not None:
@@ -214,8 +131,6 @@ class PublisherService(runner.RoleService):
             counters["registry_stale_removed"] = len(self.registration.removed)
         if self.watcher is not None:
             counters.update({f"ha_{k}": v for k, v in self.watcher.counters.items()})
-        if self.subscriber is not None:
-            counters.update({f"subscriber_{k}": v for k, v in self.subscriber.counters.items()})
         counters.update({f"port_status_{k}": v for k, v in self.port_status.counters.items()})
         return counters
 
@@ -223,8 +138,7 @@ class PublisherService(runner.RoleService):
         relay = self.relay.counters if self.relay else {}
         reg = self.registration
         return [
-            Metric("dftx_ready", "gauge", "1 once the service is ready.").add(
-                int(self.missing is None), role=dfconfig.NEUTRON_SERVER),
+            *super().metrics(),
             Metric("dftx_relay_messages_total", "counter",
                    "Messages the relay received over ipc, by outcome.")
             .add(relay.get("relayed", 0), result="relayed")
@@ -246,9 +160,9 @@ class PublisherService(runner.RoleService):
         ]
 
 
-def makeService(options: runner.Options) -> PublisherService:
+def makeService(options: runner.Options, reactor: Any) -> PublisherService:
     """twistd's entry point (see L{dftx.runner.make_service})."""
-    return runner.make_service(options, dfconfig.NEUTRON_SERVER, PublisherService)
+    return runner.make_service(options, reactor, PublisherService)
 
 
 Options = runner.Options

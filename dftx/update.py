@@ -8,6 +8,12 @@ import functools
 import time
 from typing import Any
 
+__all__ = [
+    "CONTROL_ACTIONS", "CREATE", "DBRESTART", "DELETE", "LOCAL_CONTROLLER", "LOG",
+    "NEUTRON_SERVER", "PORT_STATUS_TABLE", "ROLES", "ROW_ACTIONS", "SEND_ALL_TOPIC", "SET",
+    "SYNC", "DbUpdate",
+]
+
 SEND_ALL_TOPIC = "D"
 """The topic every subscriber listens to; a row update without topic goes here."""
 
@@ -44,12 +50,16 @@ class DbUpdate:
 
     A row update's C{topic} defaults to L{SEND_ALL_TOPIC}; a control event's
     stays None ("all topics") unless given.  C{timestamp} (seconds since the
-    epoch) defaults to now; updates order by timestamp, then key.
-    C{publisher} and C{seq} are set on updates that arrived from a publisher
-    that stamps them (see L{dftx.codec}).
+    epoch) defaults to now.  C{publisher} and C{seq} are set on updates that
+    arrived from a publisher that stamps them (see L{dftx.codec}).
 
     Two updates are equal when their row fields, publisher and seq are;
-    the timestamp is local and does not count.
+    the timestamp is local and does not count.  Updates that are not equal
+    order by timestamp, then key, then those other fields (None first), so
+    of two updates exactly one of C{<}, C{==}, C{>} holds, and C{a > b} is
+    C{b < a}.  Equal updates are neither less nor greater whatever their
+    timestamps: the order is total on updates that differ, which is what
+    sorting a list of distinct updates needs.
     """
 
     __slots__ = ("table", "key", "action", "value", "topic", "timestamp", "publisher", "seq")
@@ -106,10 +116,17 @@ class DbUpdate:
 
     __hash__ = None  # type: ignore[assignment]  # mutable value object
 
+    def _order(self) -> tuple:
+        """Timestamp, key, then the fields equality compares (None first)."""
+        return (self.timestamp, self.key or "",
+                tuple((v is not None, v) for v in self._identity()))
+
     def __lt__(self, other: DbUpdate) -> bool:
         if not isinstance(other, DbUpdate):
             return NotImplemented
-        return (self.timestamp, self.key or "") < (other.timestamp, other.key or "")
+        if self == other:
+            return False
+        return self._order() < other._order()
 
     def __repr__(self) -> str:
         value = self.value

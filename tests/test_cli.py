@@ -98,3 +98,12 @@ async def test_python_dash_m_dftx_exit_codes(redis_cluster):
     out = await run_process([sys.executable, "-m", "dftx", "--db", "127.0.0.1:1", "get",
                              "t", "k"], check=False)
     assert "Traceback" not in out and "dftx get: " in out
+
+
+@aio
+async def test_topology_with_the_memory_driver_is_one_line_and_status_1(tmp_path):
+    config = tmp_path / "dftx.ini"
+    config.write_text("[df]\nnb_db_driver = memory\n")
+    code, out, err = await dftx("--config", str(config), "topology")
+    assert (code, out) == (1, "")
+    assert err.startswith("dftx topology: ") and err.count("\n") == 1 and "redis" in err

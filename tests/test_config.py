@@ -226,3 +226,30 @@ def test_every_key_refuses_bad_values_with_a_config_error(tmp_path, section, key
             refused += 1
             assert e.path == path and e.section and e.key and path in str(e)
     assert refused or (section, key) in FREE_TEXT, f"[{section}] {key} took every bad value"
+
+
+def test_empty_redis_username_and_password_mean_no_auth(tmp_path):
+    c = config.load(write(tmp_path, MINIMAL + "[df_redis]\nusername =\npassword =\n"))
+    assert (c.df_redis.username, c.df_redis.password) == ("", "")
+
+
+@pytest.mark.parametrize("topic", ["redis", "D"])
+def test_reserved_topics_are_not_tenant_topics(tmp_path, topic):
+    err = assert_error(tmp_path, MINIMAL.replace("chassis_name = compute1",
+                                                 f"chassis_name = compute1\ntopics = t1,{topic}"),
+                       "df_local_controller", "topics", "reserved")
+    assert repr(topic) in err.reason
+
+
+def test_reading_a_configuration_installs_no_reactor():
+    """An application may read its configuration before choosing a reactor:
+    checking the endpoint strings must not install the default one."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dftx import config\n"
+            f"config.parse({FULL!r}, 'x.ini', config.LOCAL_CONTROLLER)\n"
+            "assert 'twisted.internet.reactor' not in sys.modules, 'reactor installed'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr

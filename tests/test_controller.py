@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
 
-from dftx.errors import DftxError
+from dftx import config
+from dftx.controller import ControllerService
+from dftx.errors import DftxError, InvalidNameError
 from dftx.redis.slots import key_slot
 from dftx.sandbox import Deployment
 from dftx.harness import poll
@@ -23,6 +27,18 @@ aio = pytest_twisted.ensureDeferred
 @pytest_twisted.async_yield_fixture
 async def deployment(tmp_path, redis_cluster):
     d = Deployment(tmp_path, redis_cluster, controllers=2)
+    try:
+        await d.start()
+        yield d
+    finally:
+        await d.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def no_resync_deployment(tmp_path, redis_cluster):
+    """A deployment whose periodic safety resync (db_sync_time) does not run
+    within a test: what repairs the caches is the mechanism under test."""
+    d = Deployment(tmp_path, redis_cluster, controllers=2, db_sync_time=600)
     try:
         await d.start()
         yield d
@@ -126,8 +142,8 @@ async def _write_until_it_succeeds(nb, key, deadline=60.0):
 
 
 @aio
-async def test_master_killed_every_controller_resyncs_and_matches_the_db(deployment):
-    d = deployment
+async def test_master_killed_every_controller_resyncs_and_matches_the_db(no_resync_deployment):
+    d = no_resync_deployment
     await write_rows(d.nb, "lport", 100)
     await d.wait_converged("lport")
     slot = key_slot("{lport.}p0")
@@ -150,8 +166,8 @@ async def test_master_killed_every_controller_resyncs_and_matches_the_db(deploym
 
 
 @aio
-async def test_coordinated_failover_every_controller_matches_the_db(deployment):
-    d = deployment
+async def test_coordinated_failover_every_controller_matches_the_db(no_resync_deployment):
+    d = no_resync_deployment
     await write_rows(d.nb, "lport", 50)
     await d.wait_converged("lport")
     master = await d.cluster.owner(key_slot("{lport.}p0"))
@@ -169,8 +185,8 @@ async def _published_masters_include(d, address):
 
 
 @aio
-async def test_dfpublisher_restarted_controllers_reconnect_and_resync(deployment):
-    d = deployment
+async def test_dfpublisher_restarted_controllers_reconnect_and_resync(no_resync_deployment):
+    d = no_resync_deployment
     await write_rows(d.nb, "lport", 10)
     await d.wait_converged("lport")
     await d.publisher.kill()
@@ -184,8 +200,8 @@ async def test_dfpublisher_restarted_controllers_reconnect_and_resync(deployment
 
 
 @aio
-async def test_controller_restarted_reloads_and_reannounces_its_ports(deployment):
-    d = deployment
+async def test_controller_restarted_reloads_and_reannounces_its_ports(no_resync_deployment):
+    d = no_resync_deployment
     ovsdb, controller = d.ovsdbs[0], d.controllers[0]
     await add_vm_port(ovsdb, "tap1", "vm-a", "fa:16:3e:00:00:0a")
     await add_vm_port(ovsdb, "tap2", "vm-b", "fa:16:3e:00:00:0b")
@@ -223,3 +239,30 @@ async def test_over_redis_pub_sub_classic_and_sharded(tmp_path, redis_cluster):
             await poll(neutron_side, 15, f"port status over {driver}")
         finally:
             await d.stop()
+
+
+def unstarted_controller():
+    """A controller built in memory, not started: no server, no reactor run."""
+    cfg = config.parse("[df]\nnb_db_driver = memory\n[df_local_controller]\n"
+                       "chassis_name = c1\ntopics = t1\n", role=config.LOCAL_CONTROLLER)
+    return ControllerService(cfg, MemoryReactorClock())
+
+
+@pytest_twisted.ensureDeferred
+async def test_topics_registered_and_unregistered_before_start():
+    svc = unstarted_controller()
+    await svc.register_topic("t2")
+    assert svc.mirror.topics == {"D", "t1", "t2"}
+    await svc.unregister_topic("t1")
+    await svc.unregister_topic("t2")
+    assert svc.mirror.topics == {"D"}
+
+
+@pytest.mark.parametrize("topic", ["redis", "D"])
+@pytest_twisted.ensureDeferred
+async def test_reserved_topics_are_refused(topic):
+    svc = unstarted_controller()
+    for call in (svc.register_topic, svc.unregister_topic):
+        with pytest.raises(InvalidNameError, match=repr(topic)):
+            await call(topic)
+    assert svc.mirror.topics == {"D", "t1"}

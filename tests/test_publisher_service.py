@@ -19,10 +19,10 @@ from twisted.internet import defer
 from dftx.codec import encode
 from dftx.config import LOCAL_CONTROLLER, NEUTRON_SERVER
 from dftx.db.redis import RedisDbDriver
-from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration, read_rows
+from dftx.harness import ChildProcess, CommandFailed, free_port, poll, run
 from dftx.pubsub.zmq import ZmqPubSub
 from dftx.pubsub.zmq_socket import ZmqSocket
-from dftx.harness import ChildProcess, CommandFailed, free_port, poll, run
+from dftx.registry import PUBLISHER_TABLE, Discovery, Registration, read_rows
 from dftx.update import DbUpdate
 
 from .helpers import Received
@@ -336,3 +336,39 @@ def test_prometheus_text_escapes_help_and_labels():
         "# TYPE dftx_up gauge\n"
         "dftx_up 1\n"
         'dftx_up{k="v"} NaN\n')
+
+
+def test_both_services_report_the_shared_status_and_their_own(tmp_path):
+    """Built (not started) from a memory configuration by the twistd entry
+    point, with the reactor it is given: what /v1/status and /metrics show
+    before start (the keys doc/publisher.md and doc/controller.md list)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from dftx import controller, publisher, runner
+
+    path = tmp_path / "dftx.ini"
+    path.write_text("[df]\nnb_db_driver = memory\n[df_local_controller]\nchassis_name = c1\n")
+    options = runner.Options()
+    options.parseOptions(["--config", str(path)])
+    shared = {"role", "ready", "not_ready", "publisher", "curve", "cluster", "subscriptions",
+              "counters"}
+    for module, own, metrics in (
+        (publisher, {"relay", "port_status_rows"},
+         ["dftx_relay_messages_total", "dftx_publisher_queued_messages",
+          "dftx_ha_topologies_published_total", "dftx_port_status_rows",
+          "dftx_registry_refreshes_total", "dftx_registry_stale_removed_total"]),
+        (controller, {"chassis", "cache", "ports_online"},
+         ["dftx_cache_rows", "dftx_subscriber_messages_total", "dftx_resyncs_total",
+          "dftx_cache_changes_total", "dftx_ports_online", "dftx_port_status_writes_total"]),
+    ):
+        reactor = MemoryReactorClock()
+        svc = module.makeService(options, reactor)
+        assert svc.reactor is reactor and svc.mirror.cache is not None
+        status = svc.status()
+        assert set(status) == shared | own
+        assert status["role"] == svc.role and status["not_ready"] == "starting"
+        assert [m.name for m in svc.metrics()] == ["dftx_ready", *metrics]
+    (tmp_path / "bad.ini").write_text("[df]\nnb_db_driver = mysql\n")
+    options.parseOptions(["--config", str(tmp_path / "bad.ini")])
+    with pytest.raises(SystemExit, match="dfpublisher: bad configuration"):
+        publisher.makeService(options, MemoryReactorClock())

@@ -12,7 +12,7 @@ from dftx.update import LOCAL_CONTROLLER, NEUTRON_SERVER
 from dftx.db.memory import MemoryDbDriver
 from dftx.db.redis import RedisDbDriver
 from dftx.errors import DBConnectionError, ProtocolError
-from dftx.pubsub.registry import (
+from dftx.registry import (
     PUBLISHER_TABLE, Discovery, PublisherRow, Registration, other_role, read_rows,
     remove_stale,
 )
@@ -256,3 +256,65 @@ async def test_registered_publisher_is_found_and_dropped_at_once_on_clean_stop(
         await sub.close()
         await pub.close()
         await db.close()
+
+
+class Addresses:
+    """A subscriber that only records the addresses it is told."""
+
+    def __init__(self):
+        self.addresses = set()
+
+    def register_listen_address(self, uri, server_key=None):
+        self.addresses.add(uri)
+        return defer.succeed(None)
+
+    def unregister_listen_address(self, uri):
+        self.addresses.discard(uri)
+        return defer.succeed(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_discovery_connects_nothing_once_stopped():
+    db, clock = MemoryDbDriver(), task.Clock()
+    clock.advance(1000)
+    await put(db, "n1", "tcp://127.0.0.1:7001", NEUTRON_SERVER, 1000)
+    sub = Addresses()
+    disc = Discovery(db, sub, LOCAL_CONTROLLER, timeout=30, interval=5, clock=clock)
+    disc.startService()
+    await disc.ready
+    assert sub.addresses == {"tcp://127.0.0.1:7001"}
+    await disc.stopService()
+    assert sub.addresses == set()
+    # A control event, or a row announced, after the stop: nothing is read
+    # and nobody is connected again.
+    await disc.observe(DbUpdate.control("dbrestart"))
+    await disc.observe(DbUpdate.control("sync", "D"))
+    row = PublisherRow("n2", "tcp://127.0.0.1:7002", NEUTRON_SERVER, 1000)
+    await disc.observe(DbUpdate(T, "n2", "create", row.to_json()))
+    await disc.refresh()
+    clock.advance(5)
+    assert sub.addresses == set() and disc.connected == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_discovery_stopped_during_a_read_ignores_what_it_read():
+    pending = []
+
+    class Slow(MemoryDbDriver):
+        def get_all_entries(self, table, topic=None):
+            d = defer.Deferred()
+            pending.append((d, super().get_all_entries(table, topic)))
+            return d
+
+    db, clock = Slow(), task.Clock()
+    clock.advance(1000)
+    await put(db, "n1", "tcp://127.0.0.1:7001", NEUTRON_SERVER, 1000)
+    sub = Addresses()
+    disc = Discovery(db, sub, LOCAL_CONTROLLER, timeout=30, interval=5, clock=clock)
+    disc.startService()
+    [(read, rows)] = pending
+    stopped = disc.stopService()
+    read.callback(await rows)
+    await stopped
+    await disc.ready
+    assert sub.addresses == set() and disc.connected == set()

@@ -27,10 +27,10 @@ from dftx.db.redis import RedisDbDriver
 from dftx.errors import ConfigError, DBConnectionError, PublishError, SubscribeError
 from dftx.pubsub import curve
 from dftx.pubsub.curve import CurveSettings, KeyPair, load_key_pair, load_public_keys
-from dftx.pubsub.registry import Discovery, Registration, read_rows
+from dftx.harness import DftxService, free_port, poll
 from dftx.pubsub.zmq import ZmqPubSub
 from dftx.pubsub.zmq_relay import ZmqRelay
-from dftx.harness import DftxService, free_port, poll
+from dftx.registry import Discovery, Registration, read_rows
 
 from .helpers import Received, joined, row
 

@@ -1,6 +1,8 @@
 """DbUpdate: defaults, control events, ordering, to_dict, repr."""
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from dftx.update import DBRESTART, SEND_ALL_TOPIC, SYNC, DbUpdate
 
@@ -52,3 +54,31 @@ def test_repr_is_readable_and_bounded():
     assert text.startswith("DbUpdate(table='lport', key='k1', action='create', topic='t1'")
     assert "(1000 chars)" in text and len(text) < 200
     assert "seq=4" in repr(DbUpdate("a", "b", "set", "v", publisher="p", seq=4))
+
+
+_fields = dict(
+    table=st.sampled_from([None, "t", "u"]),
+    key=st.sampled_from([None, "", "a", "b"]),
+    action=st.sampled_from(["create", "set", "sync"]),
+    value=st.sampled_from([None, "1", "2"]),
+    topic=st.sampled_from([None, "D", "t1"]),
+    timestamp=st.one_of(st.sampled_from([1.0, 2.0]),
+                        st.floats(allow_nan=False, allow_infinity=False)),
+    publisher=st.sampled_from([None, "p", "q"]),
+    seq=st.sampled_from([None, 1, 2]),
+)
+updates = st.builds(DbUpdate, **_fields)
+
+
+@given(updates, updates)
+def test_exactly_one_of_less_equal_greater(a, b):
+    assert [a < b, a == b, a > b].count(True) == 1
+    assert (a < b) == (b > a) and (a > b) == (b < a)
+    assert (a <= b) == (a < b or a == b) and (a >= b) == (a > b or a == b)
+
+
+@given(updates, updates, updates)
+def test_order_of_distinct_updates_is_transitive(a, b, c):
+    assume(a != b and b != c and a != c)
+    if a < b and b < c:
+        assert a < c

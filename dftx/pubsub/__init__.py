@@ -1,7 +1,7 @@
 """
 Publish/subscribe: the API (L{dftx.pubsub.api}), the drivers
-(L{dftx.pubsub.zmq}, L{dftx.pubsub.redis}) and publisher registration
-(L{dftx.pubsub.registry}).
+(L{dftx.pubsub.zmq}, L{dftx.pubsub.redis}); publisher registration, which
+depends on the NB database, is L{dftx.registry}.
 """
 
 from __future__ import annotations

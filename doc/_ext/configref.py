@@ -2,7 +2,7 @@
 Sphinx extension: the configuration reference, generated from dftx/config.py.
 
 ``dftx.config.SECTIONS`` maps each INI section to a frozen dataclass whose
-fields are the section's keys; each field was made by ``dftx.config.option``
+fields are the section's keys; each field was made by ``dftx.config_values.option``
 and carries its parser, default, type name, help text and whether it is
 required.  The ``config-reference`` directive renders one table per section
 (key, type, default, meaning) from exactly that, so a key added to

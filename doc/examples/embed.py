@@ -113,7 +113,7 @@ class EmbeddedNode:
         await self.sub.initialize(self.on_update)      # subscribes "D" as well
         if self.driver == "zmq":
             # With ZeroMQ the application finds publishers itself (dfpublisher
-            # and dfcontroller read table "publisher": dftx.pubsub.registry).
+            # and dfcontroller read table "publisher": dftx.registry).
             await self.sub.register_listen_address(self.pub.uri)
         await self.joined()
         print(f"subscribed ({self.driver}): {', '.join(sorted(self.sub.topics))}")

@@ -19,8 +19,9 @@ still get the C{dbrestart} those publishers send.  Nor are rows judged
 stale on time the table could not be read: for C{timeout / 3} plus one
 C{interval} after reads work again, connections are kept, so that a live
 publisher, which could not write its row either, has the time to refresh
-it.  Between reads, two things make it react sooner: a publisher announces its own row's creation and deletion as a L{DbUpdate} of
-table C{publisher} on C{"D"} (so its subscribers drop it at once on a clean
+it.  Between reads, two things make it react sooner: a publisher
+announces its own row's creation and deletion as a L{DbUpdate} of table
+C{publisher} on C{"D"} (so its subscribers drop it at once on a clean
 stop), and the owner of the subscriber passes every update it receives to
 L{Discovery.observe}, which acts on those and re-reads the table on a
 C{dbrestart} or C{sync}.  A new publisher cannot announce itself to
@@ -50,8 +51,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dftx.deferreds import Shared, deferred
 from dftx.errors import DBKeyNotFound, DftxError, ProtocolError
 from dftx.update import CREATE, DELETE, LOCAL_CONTROLLER, NEUTRON_SERVER, ROLES, SET, DbUpdate
+
+__all__ = [
+    "PUBLISHER_TABLE", "Discovery", "PublisherRow", "Registration", "other_role", "read_rows",
+    "remove_stale",
+]
 
 PUBLISHER_TABLE = "publisher"
 
@@ -139,20 +146,12 @@ class Registration(service.Service):
     the next one.
     """
 
-    def __init__(
-        self,
-        db: Any,
-        publisher_id: str,
-        uri: str,
-        role: str,
-        timeout: float,
-        publisher: Any = None,
-        clean_stale: bool = False,
-        clock: IReactorTime | None = None,
-        curve_public_key: str | None = None,
-    ) -> None:
+    def __init__(self, db: Any, publisher_id: str, uri: str, role: str, timeout: float,
+                 publisher: Any = None, clean_stale: bool = False,
+                 clock: IReactorTime | None = None,
+                 curve_public_key: str | None = None) -> None:
         other_role(role)  # validates
-        if clock is None:
+        if clock is None:  # an embedding application may omit it
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.db = db
         self.id = publisher_id
@@ -174,11 +173,12 @@ class Registration(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = task.LoopingCall(self._tick)
+        self._loop = task.LoopingCall(self._refresh)
         self._loop.clock = self.clock
         self._loop.start(self.timeout / 3, now=False)
-        defer.ensureDeferred(self._first()).chainDeferred(self.started)
+        self._first().chainDeferred(self.started)
 
+    @deferred
     async def _first(self) -> None:
         row = self.row()
         await self.db.create_key(PUBLISHER_TABLE, self.id, row.to_json())
@@ -186,9 +186,7 @@ class Registration(service.Service):
         if self.clean_stale:
             await self._clean()
 
-    def _tick(self) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self._refresh())
-
+    @deferred
     async def _refresh(self) -> None:
         try:
             await self.db.create_key(PUBLISHER_TABLE, self.id, self.row().to_json())
@@ -212,15 +210,13 @@ class Registration(service.Service):
         except DftxError as e:
             log.warn("announcing publisher {id} failed: {error}", id=self.id, error=e)
 
-    def stopService(self) -> defer.Deferred[None]:
-        """@return: Deferred firing once the row is deleted (or that failed,
-        which is logged: the row then goes stale)."""
+    @deferred
+    async def stopService(self) -> None:
+        """@return: Deferred firing with None once the row is deleted (or
+        that failed, which is logged: the row then goes stale)."""
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        return defer.ensureDeferred(self._stop())
-
-    async def _stop(self) -> None:
         try:
             await self.db.delete_key(PUBLISHER_TABLE, self.id)
         except DBKeyNotFound:
@@ -235,22 +231,17 @@ class Discovery(service.Service):
     Connects C{subscriber} to every live publisher of the role other than
     C{role} and disconnects it from those that are gone (see the module
     docstring).  L{ready} fires after the first read of the table.  Only
-    addresses it connected are ever disconnected.
+    addresses it connected are ever disconnected.  Once stopped, it
+    connects nothing: updates given to L{observe} and reads still under
+    way are ignored.
 
     @param interval: seconds between reads of the table (default
         C{timeout / 3}).
     """
 
-    def __init__(
-        self,
-        db: Any,
-        subscriber: Any,
-        role: str,
-        timeout: float,
-        interval: float | None = None,
-        clock: IReactorTime | None = None,
-    ) -> None:
-        if clock is None:
+    def __init__(self, db: Any, subscriber: Any, role: str, timeout: float,
+                 interval: float | None = None, clock: IReactorTime | None = None) -> None:
+        if clock is None:  # an embedding application may omit it
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.db = db
         self.subscriber = subscriber
@@ -265,7 +256,8 @@ class Discovery(service.Service):
         """The CURVE server key each connected uri was registered with."""
         self.ready: defer.Deferred[None] = defer.Deferred()
         self._loop: task.LoopingCall | None = None
-        self._waiters: list[defer.Deferred[None]] = []
+        self._read_done = Shared()
+        self._reading = False
         # After reads failed: when they work again (rows are not judged
         # stale before a live publisher could refresh its row).
         self._readable_since: float | None = None
@@ -278,38 +270,46 @@ class Discovery(service.Service):
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=False)
 
-    def stopService(self) -> defer.Deferred[None]:
-        """@return: Deferred firing once disconnected from what it connected."""
+    @deferred
+    async def stopService(self) -> None:
+        """@return: Deferred firing with None once disconnected from what it
+        connected."""
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        return defer.ensureDeferred(self._sync({}))
+        await self._sync({})
 
     def refresh(self) -> defer.Deferred[None]:
         """
         Read the table now and connect/disconnect accordingly (a read
         already under way is joined).  A failed read is logged and leaves
-        the connections as they are.
-        """
-        d: defer.Deferred[None] = defer.Deferred()
-        self._waiters.append(d)
-        if len(self._waiters) == 1:
-            defer.ensureDeferred(self._read()).addBoth(self._read_done)
-        return d
+        the connections as they are; once stopped, nothing is read.
 
-    def _read_done(self, result: Any) -> None:
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
+        @return: Deferred firing with None once the read is done.
+        """
+        if not self.running:
+            return defer.succeed(None)
+        waiter = self._read_done.wait()
+        if not self._reading:
+            self._reading = True
+            self._read().addBoth(self._finished_reading)
+        return waiter
+
+    def _finished_reading(self, result: Any) -> None:
+        self._reading = False
+        self._read_done.fire(None)
         if isinstance(result, Failure):
             log.failure("reading table {table} failed", result, table=PUBLISHER_TABLE)
 
+    @deferred
     async def _read(self) -> None:
         try:
             rows = await read_rows(self.db)
         except DftxError as e:
             self._unreadable = True
             log.warn("reading table {table} failed: {error}", table=PUBLISHER_TABLE, error=e)
+            return
+        if not self.running:  # stopped during the read
             return
         if self._unreadable:
             self._unreadable = False
@@ -337,12 +337,15 @@ class Discovery(service.Service):
                  and now - self._readable_since < self.timeout / 3 + self.interval)
         return not (grace and row.uri in self.connected)
 
+    @deferred
     async def _sync(self, wanted: dict[str, str | None]) -> None:
         for uri in sorted(self.connected):
             if uri in wanted and wanted[uri] != self.keys.get(uri):
                 # Same address, another key: a restarted publisher.
                 await self._disconnect(uri)
         for uri in sorted(set(wanted) - self.connected):
+            if not self.running:
+                break
             key = wanted[uri]
             try:
                 if key is None:
@@ -355,6 +358,8 @@ class Discovery(service.Service):
             self.connected.add(uri)
             self.keys[uri] = key
             log.info("connected to publisher {uri}", uri=uri)
+        if not self.running:  # stopped while connecting: leave nothing connected
+            wanted = {}
         for uri in sorted(self.connected - set(wanted)):
             await self._disconnect(uri)
 
@@ -368,12 +373,16 @@ class Discovery(service.Service):
         """
         Act on an update the subscriber received: a row of table
         C{publisher} created, set or deleted (connect or disconnect now),
-        or a C{dbrestart}/C{sync} (read the table again).  Anything else
-        is ignored.  @return: Deferred firing once acted on.
+        or a C{dbrestart}/C{sync} (read the table again).  Anything else,
+        and everything once stopped, is ignored.
+
+        @return: Deferred firing with None once acted on.
         """
+        if not self.running:
+            return defer.succeed(None)
         if update.is_control:
             return self.refresh()
-        if update.table != PUBLISHER_TABLE or not self.running:
+        if update.table != PUBLISHER_TABLE:
             return defer.succeed(None)
         if update.action == DELETE:
             self.rows.pop(update.key or "", None)
@@ -385,4 +394,4 @@ class Discovery(service.Service):
                 return defer.succeed(None)
             if row.role == self.follows:
                 self.rows[row.id] = row
-        return defer.ensureDeferred(self._sync(self._live()))
+        return self._sync(self._live())
