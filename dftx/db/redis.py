@@ -27,11 +27,11 @@ from zope.interface import implementer
 
 from dftx.db.api import INbDbDriver, check_names, check_value
 from dftx.deferreds import gather
+from dftx.endpoints import TLSOptions, tls_from_config
 from dftx.errors import (
     DBConnectionError, DBKeyAmbiguous, DBKeyNotFound, NotReplicated, ProtocolError, ReplyError,
 )
 from dftx.redis.cluster import ClusterClient
-from dftx.redis.endpoints import TLSOptions
 from dftx.redis.slots import key_slot
 
 UNIQUE_KEY_TABLE = "unique_key"
@@ -111,10 +111,9 @@ class RedisDbDriver:
         """A driver for a L{dftx.config.Config}: [df] remote_db_hosts and
         the [df_redis] section."""
         r = config.df_redis
-        tls = TLSOptions(r.ca_file, r.cert_file or None, r.key_file or None) if r.tls else None
         return cls(
             list(config.df.remote_db_hosts), r.retries,
-            wait_replicas=r.wait_replicas, tls=tls,
+            wait_replicas=r.wait_replicas, tls=tls_from_config(r),
             password=r.password or None, username=r.username or None, **kwargs,
         )
 

@@ -35,15 +35,14 @@ from typing import Any, Callable, Mapping
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dftx.endpoints import client_endpoint
 from dftx.errors import DBConnectionError, DftxError, OvsdbError, ProtocolError
 from dftx.ovsdb.jsonrpc import DEFAULT_MAX_MESSAGE, DEFAULT_PROBE_INTERVAL, JsonRpcProtocol
 from dftx.ovsdb.ports import OFFLINE, PortEvent, port_state, transition
 from dftx.reconnect import ReportingEndpoint, SessionBackoff
-from dftx.redis.endpoints import NodeEndpoints
 
 log = Logger()
 
@@ -121,21 +120,6 @@ def _apply_diff(row: Row, diff: Mapping[str, Any]) -> Row:
     return new
 
 
-def client_endpoint(reactor: Any, description: str, timeout: float = 5.0
-                    ) -> IStreamClientEndpoint:
-    """
-    The client endpoint for C{description}: any Twisted client endpoint
-    string, an OVS-style C{tcp:host:port} / C{unix:path} / C{ssl:host:port},
-    or a bare C{host:port}.  An C{ssl:} endpoint without C{hostname=} has
-    its certificate checked against the host it connects to (Twisted's own
-    parser would check no name at all).
-
-    @raise ValueError: when C{description} names no address.
-    """
-    nodes = NodeEndpoints([description], reactor, timeout=timeout)
-    return nodes.endpoint(nodes.seeds[0])
-
-
 class _MonitorProtocol(JsonRpcProtocol):
     """A JSON-RPC connection that starts a monitor session once made."""
 
@@ -173,7 +157,7 @@ class InterfaceMonitor(service.Service):
       L{stopService}, except for the rest of a batch of events that was
       being delivered when it was called.
 
-    @param endpoint: a client endpoint string (see L{client_endpoint}).
+    @param endpoint: a client endpoint string (see L{dftx.endpoints}).
     @param callback: called with each L{PortEvent}; its exceptions are
         logged and counted, and the next event is still delivered.
     @param on_sync_start: called with no argument when an initial sync

@@ -77,7 +77,7 @@ from dftx.pubsub.api import (
 )
 from dftx.redis.cluster import MAX_REDIRECTS, ClusterClient
 from dftx.redis.connection import NodeConnection
-from dftx.redis.endpoints import TLSOptions
+from dftx.endpoints import tls_from_config
 from dftx.redis.resp import RespProtocol
 from dftx.redis.slots import key_slot
 from dftx.update import SEND_ALL_TOPIC, SYNC, DbUpdate
@@ -623,7 +623,7 @@ class RedisPubSub:
         """For [df] pub_sub_driver = redis or redis_sharded, on
         remote_db_hosts with the [df_redis] settings."""
         r = config.df_redis
-        tls = TLSOptions(r.ca_file, r.cert_file or None, r.key_file or None) if r.tls else None
+        tls = tls_from_config(r)
         return cls(list(config.df.remote_db_hosts),
                    sharded=config.df.pub_sub_driver == "redis_sharded",
                    retries=r.retries, tls=tls, password=r.password or None,

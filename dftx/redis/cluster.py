@@ -38,13 +38,14 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dftx.endpoints import TLSOptions
 from dftx.errors import (
     ClusterDownError, ConnectionClosed, DBConnectionError, NodeUnreachable, NotReplicated,
     ProtocolError, ReplyError,
 )
 from dftx.deferreds import Shared, gather
 from dftx.redis.connection import NodeConnection, ProtocolClass
-from dftx.redis.endpoints import NodeEndpoints, TLSOptions
+from dftx.redis.endpoints import NodeEndpoints
 from dftx.redis.resp import RespProtocol
 from dftx.redis.slots import SLOTS
 from dftx.redis.topology import Topology, parse_cluster_slots
