@@ -53,7 +53,8 @@ from dftx.cache import Mirror, Observer
 from dftx.errors import DftxError
 from dftx.ha import HA_TOPIC, topology_from_update
 from dftx.http import Metric
-from dftx.nb import NbApi, db_from_config
+from dftx import db as nb_db
+from dftx.nb import NbApi
 from dftx.publisher import advertised_uri, curve_status, zmq_address
 from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
 from dftx.update import DBRESTART, PORT_STATUS_TABLE, DbUpdate
@@ -84,7 +85,7 @@ class ControllerService(runner.RoleService):
         self.clock = clock
         lc = config.df_local_controller
         self.chassis = lc.chassis_name
-        self.db = db_from_config(config)
+        self.db = nb_db.from_config(config)
         self.mirror = Mirror(self.db, lc.tables, lc.topics, clock)
         self.cache = self.mirror.cache
         self.counters: Counter[str] = Counter()

@@ -48,7 +48,8 @@ from dftx import http, pubsub, runner
 from dftx.cache import Mirror
 from dftx.ha import ClusterWatcher
 from dftx.http import Metric
-from dftx.nb import NbApi, db_from_config
+from dftx import db as nb_db
+from dftx.nb import NbApi
 from dftx.pubsub.registry import PUBLISHER_TABLE, Discovery, Registration
 from dftx.pubsub.zmq import ZmqPublisher, ZmqRelay
 from dftx.update import PORT_STATUS_TABLE, DbUpdate
@@ -96,7 +97,7 @@ class PublisherService(runner.RoleService):
 
     def __init__(self, config: dfconfig.Config) -> None:
         super().__init__(config)
-        self.db = db_from_config(config)
+        self.db = nb_db.from_config(config)
         self.port_status = Mirror(self.db, [PORT_STATUS_TABLE])
         self.publisher: Any = None
         self.relay: ZmqRelay | None = None
