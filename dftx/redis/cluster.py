@@ -170,9 +170,10 @@ class ClusterClient:
         """
         A new connection of its own to the node at C{address}, with this
         client's endpoint, TLS, AUTH and timeout settings (for commands that
-        take over a connection, such as SUBSCRIBE).  The caller closes it.
+        take over a connection, such as SUBSCRIBE), started.  The caller
+        closes it.
         """
-        return NodeConnection(
+        conn = NodeConnection(
             address,
             self._endpoints.endpoint(address),
             self._reactor,
@@ -182,6 +183,8 @@ class ClusterClient:
             max_backoff=self._max_backoff,
             protocol_class=protocol_class,
         )
+        conn.start()
+        return conn
 
     def _connection_lost(self, conn: NodeConnection, reason: Failure) -> None:
         if not self._closed:
