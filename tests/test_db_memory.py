@@ -6,7 +6,6 @@ from dftx import db
 from dftx.config import parse
 from dftx.db.memory import MemoryDbDriver
 from dftx.db.redis import RedisDbDriver
-from dftx.endpoints import TLSOptions
 
 from .db_contract import DbDriverContract
 
@@ -28,5 +27,4 @@ def test_from_config_gives_the_named_driver(tmp_path):
         "[df]\nnb_db_driver = redis\nremote_db_hosts = 127.0.0.1:7000,127.0.0.1:7001\n"
         f"[df_redis]\nwait_replicas = 1\ntls = true\nca_file = {ca}\n"))
     assert isinstance(redis, RedisDbDriver) and redis.wait_replicas == 1
-    assert redis.client._endpoints.seeds == ["127.0.0.1:7000", "127.0.0.1:7001"]
-    assert redis.client._endpoints._tls == TLSOptions(str(ca))
+    assert redis.client._nodes.seeds == ["127.0.0.1:7000", "127.0.0.1:7001"]

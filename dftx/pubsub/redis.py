@@ -560,7 +560,7 @@ class RedisPublisher(PublisherBase):
             # Not executed: on to the new owner at once, in reply order,
             # so behind every earlier send of the topic.
             self.stats["redirected"] += 1
-            target = self.client._redirect(result, node)[1]
+            target = self.client.redirect_target(result, node)[1]
             if lane.moved_to != target:
                 lane.moved_to = target
                 self.client.refresh().addErrback(lambda f: None)
