@@ -17,6 +17,8 @@ from dftx.endpoints import format_address, split_address
 from dftx.errors import ProtocolError
 from dftx.redis.slots import SLOTS
 
+__all__ = ["Shard", "Topology", "parse_cluster_slots"]
+
 
 @dataclass(frozen=True)
 class Shard:
