@@ -138,9 +138,10 @@ class SlotMap:
     def _refresh_failed(self, failure: Failure) -> None:
         log.warn("topology refresh failed: {error}", error=failure.getErrorMessage())
 
+    @deferred
     async def refresh_recent(self) -> None:
         """After a connection failure: a refresh (its errors logged), unless
-        one just ran."""
+        one just ran.  @return: Deferred firing with None when it is done."""
         if self._refreshing is None:
             if self._reactor.seconds() - self._last_refresh < self._min_refresh_interval:
                 return
