@@ -124,6 +124,7 @@ async def run_dftx_protocol(seed, keys, inflight):
     from dftx.redis.endpoints import NodeEndpoints
 
     conn = NodeConnection(seed, NodeEndpoints([seed], reactor).endpoint(seed), reactor)
+    conn.start()
     try:
         return await measure(lambda op, key: (
             conn.execute("SET", key, key) if op == "SET" else conn.execute("GET", key)

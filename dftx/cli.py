@@ -81,9 +81,9 @@ def _config(args: argparse.Namespace) -> dfconfig.Config:
 
 
 async def _db(args: argparse.Namespace) -> Any:
-    from dftx.nb import db_from_config
+    from dftx.db import from_config
 
-    db = db_from_config(_config(args))
+    db = from_config(_config(args))
     await db.initialize()
     return db
 

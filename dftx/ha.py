@@ -38,10 +38,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.deferreds import Shared
+from dftx.deferreds import Shared, deferred
 from dftx.errors import DftxError, ProtocolError
 from dftx.redis.topology import Topology
 from dftx.update import SET, DbUpdate
+
+__all__ = [
+    "HA_TABLE", "HA_TOPIC", "TOPOLOGY_KEY", "ClusterWatcher", "FailoverHook", "is_failover",
+    "run_id", "topology_from_update", "topology_update",
+]
 
 HA_TOPIC = "redis"
 HA_TABLE = "ha"
@@ -96,6 +101,12 @@ class ClusterWatcher(service.Service):
     module docstring.  The first check runs at start and publishes the
     topology found.
 
+    @param interval: seconds between the starts of two checks.
+    @param on_failover: called with no argument after a failover or a
+        master's restart; may return a Deferred or be a coroutine function.
+    @param clock: what the checks are timed by (the global reactor when
+        omitted).
+
     @ivar counters: C{checks}, C{check_errors}, C{published},
         C{publish_errors}, C{failovers}, C{restarts} (a master that kept its
         place restarted), C{hook_errors}.
@@ -148,7 +159,7 @@ class ClusterWatcher(service.Service):
             return self._running_check.wait()
         shared = self._running_check = Shared()
         waiter = shared.wait()  # before starting: the check may end at once
-        defer.ensureDeferred(self._check()).addBoth(self._checked, shared)
+        self._check().addBoth(self._checked, shared)
         return waiter
 
     async def _restarted_masters(self, topology: Topology) -> list[str]:
@@ -180,7 +191,9 @@ class ClusterWatcher(service.Service):
             log.failure("cluster check failed", result)
         shared.fire(None)
 
+    @deferred
     async def _check(self) -> None:
+        """@return: Deferred firing with None when the check is done."""
         self.counters["checks"] += 1
         try:
             topology = await self.client.refresh()

@@ -154,18 +154,3 @@ class NbApi:
         if self.on_db_restart is not None:
             await defer.maybeDeferred(self.on_db_restart)
         await self.publisher.send_event(DbUpdate.control(DBRESTART), topic=SEND_ALL_TOPIC)
-
-
-
-def db_from_config(config: Any) -> Any:
-    """
-    The NB database driver a L{dftx.config.Config} names ([df]
-    nb_db_driver), not yet initialized.
-    """
-    if config.df.nb_db_driver == "memory":
-        from dftx.db.memory import MemoryDbDriver
-
-        return MemoryDbDriver()
-    from dftx.db.redis import RedisDbDriver
-
-    return RedisDbDriver.from_config(config)

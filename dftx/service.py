@@ -36,7 +36,7 @@ from dftx import http, pubsub
 from dftx.cache import Mirror
 from dftx.deferreds import deferred
 from dftx.http import Metric
-from dftx.nb import db_from_config
+from dftx.db import from_config as db_from_config
 from dftx.registry import PUBLISHER_TABLE, Discovery, Registration
 from dftx.update import DbUpdate
 

@@ -18,7 +18,7 @@ clock and no polling.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.application import service
 from twisted.internet import defer
@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from dftx.db.memory import MemoryDbDriver
 from dftx.errors import PublishError
-from dftx.ovsdb.ports import PortEvent, port_state, transition
+from dftx.ovsdb.ports import PortEvent, PortTable, Row
 from dftx.pubsub.api import Callback, IPublisher, IPubSub, ISubscriber, PublisherBase, SubscriberBase
 
 __all__ = ["MemoryDbDriver", "MemoryPubSub", "FakeInterfaceSource", "PortEvent"]
@@ -117,9 +117,18 @@ class FakeInterfaceSource(service.Service):
         self.callback = callback
         self.on_sync_start = on_sync_start
         self.on_sync_end = on_sync_end
-        self.rows: dict[str, dict[str, Any]] = {}
-        self.ports: dict[str, PortEvent] = {}
+        self._table = PortTable()
         self.synced = False
+
+    @property
+    def rows(self) -> dict[str, Row]:
+        """uuid -> the row of every interface."""
+        return self._table.rows
+
+    @property
+    def ports(self) -> dict[str, PortEvent]:
+        """uuid -> the ports online, each with its last event."""
+        return self._table.ports
 
     def startService(self) -> None:
         super().startService()
@@ -154,19 +163,7 @@ class FakeInterfaceSource(service.Service):
             if row["name"] == name:
                 self._set(uid, None)
 
-    def _set(self, uid: str, row: dict[str, Any] | None) -> None:
-        old_row = self.rows.get(uid)
-        old = None if old_row is None else port_state(uid, old_row)
-        new = None if row is None else port_state(uid, row)
-        if row is None:
-            self.rows.pop(uid, None)
-        else:
-            self.rows[uid] = row
-        event = transition(old, new)
-        if event is None:
-            return
-        if event.action == "offline":
-            self.ports.pop(uid, None)
-        else:
-            self.ports[uid] = event
-        self.callback(event)
+    def _set(self, uid: str, row: Row | None) -> None:
+        event = self._table.set(uid, row)
+        if event is not None:
+            self.callback(event)

@@ -9,6 +9,8 @@ cleanup between tests.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer
@@ -31,6 +33,16 @@ class DbDriverContract:
 
     def test_provides_interface(self, driver):
         assert verifyObject(INbDbDriver, driver)
+
+    def test_signatures_match_the_interface(self, driver):
+        # verifyObject reads a decorated method's own (*args, **kwargs);
+        # inspect follows __wrapped__ to the signature the caller meets.
+        for name in INbDbDriver.names():
+            info = INbDbDriver[name].getSignatureInfo()
+            params = inspect.signature(getattr(driver, name)).parameters
+            assert list(params) == list(info["positional"]), name
+            defaults = {p: v.default for p, v in params.items() if v.default is not v.empty}
+            assert defaults == info["optional"], name
 
     @aio
     async def test_create_get_set_delete(self, driver, unique):

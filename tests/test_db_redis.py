@@ -72,7 +72,7 @@ def test_from_config(tmp_path):
     )
     driver = RedisDbDriver.from_config(config)
     assert driver.client.retries == 5 and driver.wait_replicas == 1
-    assert driver.client._endpoints.seeds == ["127.0.0.1:7000", "127.0.0.1:7001"]
+    assert driver.client._nodes.seeds == ["127.0.0.1:7000", "127.0.0.1:7001"]
 
 
 @aio

@@ -6,11 +6,16 @@ failover hook only for a master change, and keeps checking through errors.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import pytest_twisted
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from dftx.codec import decode, encode
-from dftx.errors import ProtocolError
+from dftx.errors import DBConnectionError, ProtocolError, PublishError
 from dftx.ha import HA_TOPIC, ClusterWatcher, topology_from_update, topology_update
 from dftx.redis.cluster import ClusterClient
 from dftx.redis.topology import Topology
@@ -159,3 +164,126 @@ async def test_a_master_restarted_in_place_runs_the_hook(redis_single):
         assert w.hook_calls == 1 and w.watcher.counters["published"] == 1
     finally:
         await w.stop()
+
+
+# --- ClusterWatcher on a clock, with a fake client and publisher ----------------
+
+
+class FakeClient:
+    """What the watcher uses of a ClusterClient; C{result} is what the next
+    refresh gives (a Topology, or an exception it fails with)."""
+
+    def __init__(self, result):
+        self.result = result
+        self.run_ids: dict[str, str] = {}
+
+    def refresh(self):
+        if isinstance(self.result, Exception):
+            return defer.fail(self.result)
+        return defer.succeed(self.result)
+
+    def connection(self, address):
+        info = f"# Server\r\nrun_id:{self.run_ids.get(address, 'r1')}\r\n".encode()
+        return SimpleNamespace(execute=lambda *args: defer.succeed(info))
+
+
+class FakePublisher:
+    def __init__(self):
+        self.sent: list[DbUpdate] = []
+        self.fail = False
+
+    def send_event(self, update, topic=None):
+        if self.fail:
+            return defer.fail(PublishError(HA_TOPIC, "the test made it fail"))
+        self.sent.append(update)
+        return defer.succeed(None)
+
+    def topologies(self):
+        return [topology_from_update(u) for u in self.sent]
+
+
+A, B = Topology.single("10.0.0.1:7000"), Topology.single("10.0.0.2:7000")
+
+
+@pytest.fixture
+def warnings():
+    events = []
+
+    def observer(event):
+        if event.get("log_namespace") == "dftx.ha" and event["log_level"] == LogLevel.warn:
+            events.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)
+
+
+def watching(result, **kw):
+    clock = Clock()
+    client, pub = FakeClient(result), FakePublisher()
+    watcher = ClusterWatcher(client, pub, 3.0, clock=clock, **kw)
+    watcher.startService()
+    return watcher, client, pub, clock
+
+
+def test_a_topology_is_published_once():
+    watcher, client, pub, clock = watching(A)
+    assert pub.topologies() == [A] and watcher.counters["checks"] == 1
+    clock.advance(3)
+    clock.advance(3)
+    assert watcher.counters["checks"] == 3 and pub.topologies() == [A]
+    client.result = B
+    clock.advance(2.9)
+    assert pub.topologies() == [A]
+    clock.advance(0.1)
+    assert pub.topologies() == [A, B]
+    clock.advance(3)
+    assert pub.topologies() == [A, B] and watcher.counters["published"] == 2
+    assert all(u.topic == HA_TOPIC for u in pub.sent)
+
+
+def test_a_master_change_runs_the_hook_once():
+    calls = []
+    watcher, client, pub, clock = watching(A, on_failover=lambda: calls.append(1))
+    assert calls == []  # the first topology is no failover
+    client.result = B
+    clock.advance(3)
+    clock.advance(3)
+    assert calls == [1] and watcher.counters["failovers"] == 1
+
+
+def test_a_failed_check_is_counted_logged_and_retried(warnings):
+    watcher, client, pub, clock = watching(DBConnectionError(None, "no node answered"))
+    assert watcher.counters["check_errors"] == 1 and pub.sent == []
+    assert any("no node answered" in w for w in warnings)
+    client.result = A
+    clock.advance(3)
+    assert pub.topologies() == [A] and watcher.counters["check_errors"] == 1
+
+
+def test_a_failed_publish_is_counted_logged_and_retried(warnings):
+    clock = Clock()
+    client, pub = FakeClient(A), FakePublisher()
+    pub.fail = True
+    watcher = ClusterWatcher(client, pub, 3.0, clock=clock)
+    watcher.startService()
+    assert watcher.counters["publish_errors"] == 1 and watcher.published is None
+    assert any("the test made it fail" in w for w in warnings)
+    pub.fail = False
+    clock.advance(3)
+    assert pub.topologies() == [A] and watcher.published == A
+
+
+def test_stop_waits_for_the_check_under_way():
+    clock = Clock()
+    client, pub = FakeClient(A), FakePublisher()
+    pending = defer.Deferred()
+    client.refresh = lambda: pending
+    watcher = ClusterWatcher(client, pub, 3.0, clock=clock)
+    watcher.startService()
+    stopped = watcher.stopService()
+    assert not stopped.called
+    pending.callback(A)
+    assert stopped.called and pub.topologies() == [A]
+    clock.advance(30)
+    assert watcher.counters["checks"] == 1

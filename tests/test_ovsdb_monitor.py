@@ -22,8 +22,9 @@ from twisted.python.failure import Failure
 from dftx.errors import DBConnectionError, ProtocolError
 from dftx.ovsdb.jsonrpc import JsonSplitter
 from dftx.ovsdb.monitor import ZERO_TXN, InterfaceMonitor
-from dftx.ovsdb.ports import PortEvent, classify
 from dftx.harness import CommandFailed, OvsdbServer, free_port, poll
+from dftx.ovsdb.ports import PortEvent, PortTable, classify, port_state
+from dftx.ovsdb.rows import EMPTY_ROW
 
 aio = pytest_twisted.ensureDeferred
 
@@ -440,6 +441,35 @@ def test_classification():
     assert classify("gre", {}, {"remote_ip": "1.2.3.4"}) == "tunnel"
     assert classify("patch", {}, {}) == "unknown"  # no peer
     assert classify("", {}, {}) == "unknown"
+
+
+def _row(type_, options=None, external_ids=None):
+    return {**EMPTY_ROW, "name": "p", "type": type_, "options": options or {},
+            "external_ids": external_ids or {}, "ofport": frozenset([3])}
+
+
+@pytest.mark.parametrize("type_", ["vxlan", "geneve", "gre"])
+def test_tunnel_type_is_set_for_tunnels_only(type_):
+    tunnel = port_state("u", _row(type_, {"remote_ip": "10.0.0.2"}))
+    assert tunnel.kind == "tunnel" and tunnel.tunnel_type == type_
+    # A tunnel-typed interface without remote_ip is no tunnel (Dragonflow's
+    # OvsPort sets tunnel_type for tunnels only).
+    bare = port_state("u", _row(type_))
+    assert bare.kind == "unknown" and bare.tunnel_type is None
+    vm = port_state("u", _row(type_, external_ids={"iface-id": "lp"}))
+    assert vm.kind == "vm" and vm.tunnel_type is None
+
+
+def test_the_port_table_folds_rows_into_events():
+    table = PortTable()
+    online = table.set("u", _row("internal"))
+    assert online.action == "online" and table.ports == {"u": online}
+    assert table.set("u", _row("internal")) is None  # nothing changed
+    update = table.set("u", {**_row("internal"), "admin_state": frozenset(["up"])})
+    assert update.action == "update" and table.ports == {"u": update}
+    assert table.set("u", {**_row("internal"), "ofport": frozenset([-1])}).action == "offline"
+    assert table.ports == {} and "u" in table.rows
+    assert table.set("u", None) is None and table.rows == {}
 
 
 def test_an_endpoint_string_without_an_address_is_refused():

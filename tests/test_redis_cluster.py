@@ -369,3 +369,19 @@ async def test_apply_topology_routes_at_once_and_moved_corrects_it(client, uniqu
     await poll(lambda: client.topology == real, 5, "refresh after MOVED")
     assert seen[-1] == real
     assert await client.execute("GET", unique, slot=slot) == b"v"
+
+
+def test_commands_after_close_fail_their_deferreds():
+    # No server: the topology is installed, not read.
+    from twisted.internet.testing import MemoryReactorClock
+
+    clock = MemoryReactorClock()
+    c = ClusterClient(["10.0.0.1:7000"], reactor=clock)
+    c.apply_topology(Topology.single("10.0.0.1:7000"))
+    c.close()
+    failures = []
+    for d in (c.execute("GET", "k", slot=0), c.execute("SET", "k", "v", slot=0, replicas=1),
+              c.execute_on("10.0.0.1:7000", "PING"), c.scan(b"*")):
+        d.addErrback(failures.append)
+    assert [f.type for f in failures] == [DBConnectionError] * 4
+    assert all("closed" in str(f.value) for f in failures)

@@ -18,10 +18,12 @@ aio = pytest_twisted.ensureDeferred
 
 def connect(server, **kw):
     kw.setdefault("timeout", 2)
-    return NodeConnection(
+    conn = NodeConnection(
         server.address, NodeEndpoints([server.address], reactor).endpoint(server.address),
         reactor, **kw,
     )
+    conn.start()
+    return conn
 
 
 async def auth_refusals(server, user):

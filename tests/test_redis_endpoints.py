@@ -1,12 +1,21 @@
-"""From configured hosts and discovered addresses to client endpoints."""
+"""From configured hosts and discovered addresses to client endpoints, and
+TLS options (against an in-process TLS server)."""
 
 from __future__ import annotations
 
+import datetime
+from types import SimpleNamespace
+
 import pytest
 import pytest_twisted
-from twisted.internet import endpoints, reactor
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, endpoints, protocol, reactor, ssl
 
 from dftx.db.redis import RedisDbDriver
+from dftx.endpoints import TLSOptions, client_endpoint, tls_from_config
 from dftx.redis.endpoints import NodeEndpoints
 from dftx.harness import RedisServer
 
@@ -75,3 +84,127 @@ async def test_single_server_on_a_unix_socket(tmp_path, unique):
             await driver.close()
     finally:
         await server.kill()
+
+
+def test_client_endpoint_of_one_host():
+    assert isinstance(client_endpoint(reactor, "127.0.0.1:6640"), endpoints.TCP4ClientEndpoint)
+    assert isinstance(client_endpoint(reactor, "tcp:127.0.0.1:6640"), endpoints.TCP4ClientEndpoint)
+    assert isinstance(client_endpoint(reactor, "unix:/run/db.sock"), endpoints.UNIXClientEndpoint)
+    with pytest.raises(ValueError):
+        client_endpoint(reactor, "tcp:host=h")
+
+
+def test_tls_from_config():
+    off = SimpleNamespace(tls=False, ca_file="ca.pem", cert_file="", key_file="")
+    assert tls_from_config(off) is None
+    on = SimpleNamespace(tls=True, ca_file="ca.pem", cert_file="", key_file="")
+    assert tls_from_config(on) == TLSOptions("ca.pem")
+    client = SimpleNamespace(tls=True, ca_file="ca.pem", cert_file="c.pem", key_file="c.key")
+    assert tls_from_config(client) == TLSOptions("ca.pem", "c.pem", "c.key")
+
+
+# --- TLS options against an in-process TLS server ------------------------------
+
+
+def _cert(subject, key, issuer, issuer_key, ca=False):
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name(subject)).issuer_name(name(issuer))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost")]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(cert):
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture(scope="module")
+def two_cas(tmp_path_factory):
+    """A bundle of two CAs; the server's certificate is signed by the second."""
+    d = tmp_path_factory.mktemp("two-cas")
+    first_key, second_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    first = _cert("dftx first CA", first_key, "dftx first CA", first_key, ca=True)
+    second = _cert("dftx second CA", second_key, "dftx second CA", second_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _cert("localhost", server_key, "dftx second CA", second_key)
+    (d / "bundle.pem").write_bytes(_pem(first) + _pem(second))
+    (d / "first.pem").write_bytes(_pem(first))
+    key_pem = server_key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+    return SimpleNamespace(dir=d, bundle=str(d / "bundle.pem"), first=str(d / "first.pem"),
+                           server=ssl.PrivateCertificate.loadPEM(_pem(server) + key_pem))
+
+
+class _Echo(protocol.Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+class _Ping(protocol.Protocol):
+    """Fires C{done} with the echo of its ping, or fails with the loss."""
+
+    def __init__(self):
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(b"ping")
+
+    def dataReceived(self, data):
+        if not self.done.called:
+            self.done.callback(data)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        if not self.done.called:
+            self.done.errback(reason)
+
+
+@pytest_twisted.async_yield_fixture
+async def tls_port(two_cas):
+    server = endpoints.SSL4ServerEndpoint(reactor, 0, two_cas.server.options(),
+                                          interface="127.0.0.1")
+    port = await server.listen(protocol.Factory.forProtocol(_Echo))
+    yield port.getHost().port
+    await port.stopListening()
+
+
+async def _ping(nodes, address):
+    proto = await nodes.endpoint(address).connect(protocol.Factory.forProtocol(_Ping))
+    return await proto.done
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_ca_of_the_bundle_is_trusted(two_cas, tls_port):
+    address = f"127.0.0.1:{tls_port}"
+    tls = TLSOptions(two_cas.bundle, hostname="localhost")
+    assert await _ping(NodeEndpoints([address], reactor, tls), address) == b"ping"
+    # The first CA alone did not sign the server's certificate.
+    alone = NodeEndpoints([address], reactor, TLSOptions(two_cas.first, hostname="localhost"))
+    with pytest.raises(Exception, match="certificate verify failed"):
+        await _ping(alone, address)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_files_are_read_once(two_cas, tls_port, tmp_path):
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(open(two_cas.bundle, "rb").read())
+    address = f"127.0.0.1:{tls_port}"
+    nodes = NodeEndpoints([address], reactor, TLSOptions(str(bundle), hostname="localhost"))
+    assert await _ping(nodes, address) == b"ping"
+    bundle.unlink()
+    # Another endpoint (every connection attempt builds one): the options
+    # read with the first are used again.
+    assert await _ping(nodes, address) == b"ping"

@@ -12,7 +12,7 @@ from twisted.internet import defer
 
 from dftx.db.redis import RedisDbDriver
 from dftx.errors import DBConnectionError
-from dftx.redis.endpoints import TLSOptions
+from dftx.endpoints import TLSOptions
 from dftx.harness import RedisServer, free_port
 
 aio = pytest_twisted.ensureDeferred

@@ -6,15 +6,10 @@ import json
 
 import pytest
 
+from dftx.endpoints import format_address, split_address
 from dftx.errors import ProtocolError
 from dftx.redis.slots import SLOTS
-from dftx.redis.topology import (
-    Shard,
-    Topology,
-    format_address,
-    parse_cluster_slots,
-    split_address,
-)
+from dftx.redis.topology import Shard, Topology, parse_cluster_slots
 
 A, B, C = "127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7002"
 

@@ -19,6 +19,8 @@ from zope.interface import Interface
 
 from dftx.errors import InvalidNameError
 
+__all__ = ["INbDbDriver", "check_names", "check_table", "check_topic", "check_value"]
+
 # Characters a table name cannot hold: "." separates table from topic in
 # the stored key, braces delimit the Redis Cluster hash tag.
 _TABLE_RESERVED = frozenset(".{}")

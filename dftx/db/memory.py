@@ -6,30 +6,18 @@ applications that need no shared database).
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
-from typing import Callable, TypeVar
 
-from twisted.internet import defer
 from zope.interface import implementer
 
 from dftx.db.api import INbDbDriver, check_names, check_value
+from dftx.deferreds import deferred
 from dftx.errors import DBKeyAmbiguous, DBKeyNotFound
 
-T = TypeVar("T")
+__all__ = ["MemoryDbDriver"]
 
 # table -> key -> topic (None: no topic) -> value
 _Rows = dict[str, dict[str, dict[str | None, str]]]
-
-
-def _deferred(f: Callable[..., T]) -> Callable[..., defer.Deferred[T]]:
-    """Run C{f} now; return its result or exception as a Deferred."""
-
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        return defer.maybeDeferred(f, *args, **kwargs)
-
-    return wrapper
 
 
 @implementer(INbDbDriver)
@@ -37,69 +25,71 @@ class MemoryDbDriver:
     """
     The L{INbDbDriver} contract over dicts.  Its constructor takes no
     arguments; L{initialize} is accepted for symmetry with server drivers.
+    Every method runs at once: its Deferred has fired (or failed) when it
+    returns.
     """
 
     def __init__(self) -> None:
         self._tables: _Rows = {}
         self._counters: defaultdict[str, int] = defaultdict(int)
 
-    @_deferred
-    def initialize(self) -> None:
+    @deferred
+    async def initialize(self) -> None:
         pass
 
-    @_deferred
-    def close(self) -> None:
+    @deferred
+    async def close(self) -> None:
         pass
 
-    @_deferred
-    def create_key(self, table: str, key: str, value: str, topic: str | None = None) -> None:
+    @deferred
+    async def create_key(self, table: str, key: str, value: str, topic: str | None = None) -> None:
         topic = check_names(table, key, topic)
         check_value(value)
         self._tables.setdefault(table, {}).setdefault(key, {})[topic] = value
 
-    @_deferred
-    def get_key(self, table: str, key: str, topic: str | None = None) -> str:
+    @deferred
+    async def get_key(self, table: str, key: str, topic: str | None = None) -> str:
         topics, topic = self._find(table, key, topic)
         return topics[topic]
 
-    @_deferred
-    def set_key(self, table: str, key: str, value: str, topic: str | None = None) -> None:
+    @deferred
+    async def set_key(self, table: str, key: str, value: str, topic: str | None = None) -> None:
         check_value(value)
         topics, topic = self._find(table, key, topic)
         topics[topic] = value
 
-    @_deferred
-    def delete_key(self, table: str, key: str, topic: str | None = None) -> None:
+    @deferred
+    async def delete_key(self, table: str, key: str, topic: str | None = None) -> None:
         topics, topic = self._find(table, key, topic)
         del topics[topic]
         if not topics:
             del self._tables[table][key]
 
-    @_deferred
-    def get_all_entries(self, table: str, topic: str | None = None) -> list[str]:
+    @deferred
+    async def get_all_entries(self, table: str, topic: str | None = None) -> list[str]:
         return [value for _, _, value in self._rows(table, topic)]
 
-    @_deferred
-    def get_all_keys(self, table: str, topic: str | None = None) -> list[str]:
+    @deferred
+    async def get_all_keys(self, table: str, topic: str | None = None) -> list[str]:
         return [key for _, key, _ in self._rows(table, topic)]
 
-    @_deferred
-    def get_all_rows(self, table: str, topic: str | None = None) -> list[tuple[str | None, str, str]]:
+    @deferred
+    async def get_all_rows(self, table: str, topic: str | None = None) -> list[tuple[str | None, str, str]]:
         return self._rows(table, topic)
 
-    @_deferred
-    def allocate_unique_key(self, table: str) -> int:
+    @deferred
+    async def allocate_unique_key(self, table: str) -> int:
         check_names(table)
         self._counters[table] += 1
         return self._counters[table]
 
-    @_deferred
-    def create_table(self, table: str) -> None:
+    @deferred
+    async def create_table(self, table: str) -> None:
         check_names(table)
         self._tables.setdefault(table, {})
 
-    @_deferred
-    def delete_table(self, table: str) -> None:
+    @deferred
+    async def delete_table(self, table: str) -> None:
         check_names(table)
         self._tables.pop(table, None)
 

@@ -26,13 +26,15 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from dftx.db.api import INbDbDriver, check_names, check_value
-from dftx.deferreds import gather
+from dftx.deferreds import deferred, gather
+from dftx.endpoints import TLSOptions, tls_from_config
 from dftx.errors import (
     DBConnectionError, DBKeyAmbiguous, DBKeyNotFound, NotReplicated, ProtocolError, ReplyError,
 )
 from dftx.redis.cluster import ClusterClient
-from dftx.redis.endpoints import TLSOptions
 from dftx.redis.slots import key_slot
+
+__all__ = ["UNIQUE_KEY_TABLE", "RedisDbDriver", "row_key"]
 
 UNIQUE_KEY_TABLE = "unique_key"
 _BATCH = 500
@@ -111,10 +113,9 @@ class RedisDbDriver:
         """A driver for a L{dftx.config.Config}: [df] remote_db_hosts and
         the [df_redis] section."""
         r = config.df_redis
-        tls = TLSOptions(r.ca_file, r.cert_file or None, r.key_file or None) if r.tls else None
         return cls(
             list(config.df.remote_db_hosts), r.retries,
-            wait_replicas=r.wait_replicas, tls=tls,
+            wait_replicas=r.wait_replicas, tls=tls_from_config(r),
             password=r.password or None, username=r.username or None, **kwargs,
         )
 
@@ -126,41 +127,31 @@ class RedisDbDriver:
 
     # --- rows ------------------------------------------------------------------
 
-    def create_key(
+    @deferred
+    async def create_key(
         self, table: str, key: str, value: str, topic: str | None = None
-    ) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self._create(table, key, value, topic))
-
-    async def _create(self, table: str, key: str, value: str, topic: str | None) -> None:
+    ) -> None:
         topic = check_names(table, key, topic)
         check_value(value)
         await self._write(row_key(table, key, topic), value, ())
 
-    def get_key(self, table: str, key: str, topic: str | None = None) -> defer.Deferred[str]:
-        return defer.ensureDeferred(self._get(table, key, topic))
-
-    async def _get(self, table: str, key: str, topic: str | None) -> str:
+    @deferred
+    async def get_key(self, table: str, key: str, topic: str | None = None) -> str:
         rkey, topic = await self._find(table, key, topic)
         value = await self._command("GET", rkey, slot=key_slot(rkey))
         if value is None:
             raise DBKeyNotFound(table, key, topic)
         return self._text(value, rkey)
 
-    def set_key(
-        self, table: str, key: str, value: str, topic: str | None = None
-    ) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self._set(table, key, value, topic))
-
-    async def _set(self, table: str, key: str, value: str, topic: str | None) -> None:
+    @deferred
+    async def set_key(self, table: str, key: str, value: str, topic: str | None = None) -> None:
         check_value(value)
         rkey, topic = await self._find(table, key, topic)
         if await self._write(rkey, value, ("XX",)) is None:
             raise DBKeyNotFound(table, key, topic)
 
-    def delete_key(self, table: str, key: str, topic: str | None = None) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self._delete(table, key, topic))
-
-    async def _delete(self, table: str, key: str, topic: str | None) -> None:
+    @deferred
+    async def delete_key(self, table: str, key: str, topic: str | None = None) -> None:
         rkey, topic = await self._find(table, key, topic)
         # Not sent twice: a second DEL after a lost reply would say 0.
         deleted = await self._command(
@@ -224,24 +215,18 @@ class RedisDbDriver:
                 rows.append((parsed[0], parsed[1], raw))
         return rows
 
-    def get_all_keys(self, table: str, topic: str | None = None) -> defer.Deferred[list[str]]:
-        return defer.ensureDeferred(self._all_keys(table, topic))
-
-    async def _all_keys(self, table: str, topic: str | None) -> list[str]:
+    @deferred
+    async def get_all_keys(self, table: str, topic: str | None = None) -> list[str]:
         return [key for _, key, _ in await self._rows(table, topic)]
 
-    def get_all_entries(self, table: str, topic: str | None = None) -> defer.Deferred[list[str]]:
-        return defer.ensureDeferred(self._all_entries(table, topic))
+    @deferred
+    async def get_all_entries(self, table: str, topic: str | None = None) -> list[str]:
+        return [value for _, _, value in await self.get_all_rows(table, topic)]
 
-    async def _all_entries(self, table: str, topic: str | None) -> list[str]:
-        return [value for _, _, value in await self._all_rows(table, topic)]
-
-    def get_all_rows(
+    @deferred
+    async def get_all_rows(
         self, table: str, topic: str | None = None
-    ) -> defer.Deferred[list[tuple[str | None, str, str]]]:
-        return defer.ensureDeferred(self._all_rows(table, topic))
-
-    async def _all_rows(self, table: str, topic: str | None) -> list[tuple[str | None, str, str]]:
+    ) -> list[tuple[str | None, str, str]]:
         """SCAN, then MGET in batches of one slot; a row deleted in between
         is left out."""
         rows = {raw: (t, key) for t, key, raw in await self._rows(table, topic)}
@@ -271,20 +256,17 @@ class RedisDbDriver:
 
     # --- tables and counters -----------------------------------------------------
 
-    def create_table(self, table: str) -> defer.Deferred[None]:
+    @deferred
+    async def create_table(self, table: str) -> None:
         # Tables exist through their rows; nothing to store.
-        return defer.maybeDeferred(check_names, table).addCallback(lambda _: None)
+        check_names(table)
 
-    def delete_table(self, table: str) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self._delete_table(table))
-
-    async def _delete_table(self, table: str) -> None:
+    @deferred
+    async def delete_table(self, table: str) -> None:
         await self._per_slot("DEL", [raw for _, _, raw in await self._rows(table, None)])
 
-    def allocate_unique_key(self, table: str) -> defer.Deferred[int]:
-        return defer.ensureDeferred(self._allocate(table))
-
-    async def _allocate(self, table: str) -> int:
+    @deferred
+    async def allocate_unique_key(self, table: str) -> int:
         check_names(table)
         rkey = row_key(UNIQUE_KEY_TABLE, table, None)
         value = await self._command("INCR", rkey, slot=key_slot(rkey))

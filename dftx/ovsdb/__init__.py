@@ -1,5 +1,6 @@
 """
 The local ovsdb-server, monitored: RFC 7047 JSON-RPC (L{dftx.ovsdb.jsonrpc}),
-port classification (L{dftx.ovsdb.ports}) and the Interface table monitor
-(L{dftx.ovsdb.monitor}).
+the Interface table's rows (L{dftx.ovsdb.rows}), port classification and
+the fold of rows into port events (L{dftx.ovsdb.ports}), and the Interface
+table monitor (L{dftx.ovsdb.monitor}).
 """

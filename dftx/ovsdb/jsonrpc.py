@@ -36,6 +36,10 @@ from twisted.python.failure import Failure
 
 from dftx.errors import DBConnectionError, DftxError, OvsdbError, ProtocolError
 
+__all__ = [
+    "DEFAULT_MAX_MESSAGE", "DEFAULT_PROBE_INTERVAL", "JsonRpcProtocol", "JsonSplitter",
+]
+
 DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
 DEFAULT_PROBE_INTERVAL = 5.0
 

@@ -30,110 +30,34 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dftx.deferreds import deferred
+from dftx.endpoints import client_endpoint
 from dftx.errors import DBConnectionError, DftxError, OvsdbError, ProtocolError
 from dftx.ovsdb.jsonrpc import DEFAULT_MAX_MESSAGE, DEFAULT_PROBE_INTERVAL, JsonRpcProtocol
-from dftx.ovsdb.ports import OFFLINE, PortEvent, port_state, transition
+from dftx.ovsdb.ports import PortEvent, PortTable, Row
+from dftx.ovsdb.rows import COLUMNS, TABLE, apply_diff, full_row
 from dftx.reconnect import ReportingEndpoint, SessionBackoff
-from dftx.redis.endpoints import NodeEndpoints
 
 log = Logger()
 
+__all__ = ["DATABASE", "METHODS", "MONITOR_ID", "ZERO_TXN", "Callback", "InterfaceMonitor"]
+
 DATABASE = "Open_vSwitch"
-TABLE = "Interface"
-COLUMNS = ("name", "type", "external_ids", "options", "ofport", "admin_state", "mac_in_use")
-_MAPS = frozenset({"external_ids", "options"})
-_SETS = frozenset({"ofport", "admin_state", "mac_in_use"})  # optional: 0 or 1 value
-_EMPTY_ROW: dict[str, Any] = {
-    "name": "", "type": "", "external_ids": {}, "options": {},
-    "ofport": frozenset(), "admin_state": frozenset(), "mac_in_use": frozenset(),
-}
 ZERO_TXN = "00000000-0000-0000-0000-000000000000"
 METHODS = ("monitor_cond_since", "monitor_cond", "monitor")
 MONITOR_ID = "dftx-interfaces"
 # What a reply or notification of the wrong shape raises while it is applied.
 _BAD_DATA = (ProtocolError, TypeError, ValueError, AttributeError, KeyError, IndexError)
 
-Row = dict[str, Any]
 Callback = Callable[[PortEvent], object]
-
-
-def _atom(value: Any) -> Any:
-    if isinstance(value, list) and len(value) == 2 and value[0] in ("uuid", "named-uuid"):
-        return value[1]
-    return value
-
-
-def _datum(column: str, value: Any) -> Any:
-    """A column's JSON value (RFC 7047 section 5.1) as the cache keeps it."""
-    if column in _MAPS:
-        if not (isinstance(value, list) and len(value) == 2 and value[0] == "map"):
-            raise ProtocolError(f"{TABLE}.{column}: not a map: {value!r:.80}")
-        return {_atom(k): _atom(v) for k, v in value[1]}
-    if column in _SETS:
-        if isinstance(value, list) and len(value) == 2 and value[0] == "set":
-            return frozenset(_atom(v) for v in value[1])
-        return frozenset([_atom(value)])
-    return _atom(value)
-
-
-def _full_row(columns: Mapping[str, Any]) -> Row:
-    """A row from a full (possibly default-omitting) column set."""
-    row = dict(_EMPTY_ROW)
-    for column, value in columns.items():
-        if column in row:
-            row[column] = _datum(column, value)
-    return row
-
-
-def _apply_diff(row: Row, diff: Mapping[str, Any]) -> Row:
-    """
-    Apply an update2 C{modify}.  Columns that hold at most one value
-    (scalars, and optional columns such as ofport) get the new value, as
-    ovsdb-server sends it; in maps a key given with its current value is
-    removed, with another value replaced, and a new key is added.  (Sets of
-    more than one value would toggle the elements given; this table's
-    monitored columns have none.)
-    """
-    new = dict(row)
-    for column, value in diff.items():
-        if column not in new:
-            continue
-        change = _datum(column, value)
-        if column in _MAPS:
-            merged = dict(new[column])
-            for k, v in change.items():
-                if merged.get(k) == v:
-                    del merged[k]
-                else:
-                    merged[k] = v
-            new[column] = merged
-        else:
-            new[column] = change
-    return new
-
-
-def client_endpoint(reactor: Any, description: str, timeout: float = 5.0
-                    ) -> IStreamClientEndpoint:
-    """
-    The client endpoint for C{description}: any Twisted client endpoint
-    string, an OVS-style C{tcp:host:port} / C{unix:path} / C{ssl:host:port},
-    or a bare C{host:port}.  An C{ssl:} endpoint without C{hostname=} has
-    its certificate checked against the host it connects to (Twisted's own
-    parser would check no name at all).
-
-    @raise ValueError: when C{description} names no address.
-    """
-    nodes = NodeEndpoints([description], reactor, timeout=timeout)
-    return nodes.endpoint(nodes.seeds[0])
 
 
 class _MonitorProtocol(JsonRpcProtocol):
@@ -173,7 +97,7 @@ class InterfaceMonitor(service.Service):
       L{stopService}, except for the rest of a batch of events that was
       being delivered when it was called.
 
-    @param endpoint: a client endpoint string (see L{client_endpoint}).
+    @param endpoint: a client endpoint string (see L{dftx.endpoints}).
     @param callback: called with each L{PortEvent}; its exceptions are
         logged and counted, and the next event is still delivered.
     @param on_sync_start: called with no argument when an initial sync
@@ -187,9 +111,6 @@ class InterfaceMonitor(service.Service):
         first is 0.1 s, then doubling.  A connection that ends before its
         initial sync counts as a failed attempt.
 
-    @ivar ports: uuid -> L{PortEvent}, the ports currently online, each with
-        the last event delivered for it (action C{online} or C{update}).
-    @ivar rows: uuid -> the cached row of every interface, online or not.
     @ivar synced: whether the current connection's initial sync is done.
     @ivar method: the monitor method the server accepted.
     @ivar last_txn_id: the last transaction seen (C{monitor_cond_since}).
@@ -222,14 +143,12 @@ class InterfaceMonitor(service.Service):
         self.reactor = reactor
         self.probe_interval = probe_interval
         self.max_message = max_message
-        self.rows: dict[str, Row] = {}
-        self.ports: dict[str, PortEvent] = {}
+        self._table = PortTable()
         self.synced = False
         self.method: str | None = None
         self.last_txn_id = ZERO_TXN
         self.last_error: DftxError | None = None
         self.counters: Counter[str] = Counter()
-        self._states: dict[str, PortEvent] = {}  # every row's fields, action ""
         self._methods = list(METHODS)
         self._connection: _MonitorProtocol | None = None
         # A connection that ended before its initial sync counts as failed.
@@ -239,6 +158,17 @@ class InterfaceMonitor(service.Service):
         self._endpoint = ReportingEndpoint(client_endpoint(reactor, endpoint),
                                            self._connect_failed)
         self._service: ClientService | None = None
+
+    @property
+    def rows(self) -> dict[str, Row]:
+        """uuid -> the cached row of every interface, online or not."""
+        return self._table.rows
+
+    @property
+    def ports(self) -> dict[str, PortEvent]:
+        """uuid -> L{PortEvent}, the ports currently online, each with the
+        last event delivered for it (action C{online} or C{update})."""
+        return self._table.ports
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -278,9 +208,12 @@ class InterfaceMonitor(service.Service):
         self.counters["connections"] += 1
         proto.lost.addCallback(self._disconnected, proto)
         self._notify_owner(self.on_sync_start)
-        defer.ensureDeferred(self._monitor(proto)).addErrback(self._session_failed, proto)
+        self._monitor(proto).addErrback(self._session_failed, proto)
 
+    @deferred
     async def _monitor(self, proto: _MonitorProtocol) -> None:
+        """Request the monitor and apply the first answer.  @return:
+        Deferred firing with None once the initial sync is done."""
         method, result = await self._request_monitor(proto)
         if not self._current(proto):
             return
@@ -388,7 +321,7 @@ class InterfaceMonitor(service.Service):
         for uuid, change in (updates or {}).get(TABLE, {}).items():
             columns = change.get("initial", change.get("insert")) if update2 else change.get("new")
             if columns is not None:
-                fresh[uuid] = _full_row(columns)
+                fresh[uuid] = full_row(columns)
         # Offline first: a port re-created under a new uuid goes offline
         # before its new row comes online.
         for uuid in [u for u in self.rows if u not in fresh]:
@@ -405,33 +338,21 @@ class InterfaceMonitor(service.Service):
                 old = self.rows.get(uuid)
                 if old is None:
                     raise ProtocolError(f"modify of unknown {TABLE} row {uuid}")
-                self._set(uuid, _apply_diff(old, change["modify"]))
+                self._set(uuid, apply_diff(old, change["modify"]))
             else:
                 columns = change.get("insert", change.get("initial"))
                 if columns is not None:
-                    self._set(uuid, _full_row(columns))
+                    self._set(uuid, full_row(columns))
 
     def _apply1(self, updates: Any) -> None:
         for uuid, change in (updates or {}).get(TABLE, {}).items():
             new = change.get("new")
-            self._set(uuid, None if new is None else _full_row(new))
+            self._set(uuid, None if new is None else full_row(new))
 
     def _set(self, uuid: str, row: Row | None) -> None:
-        old = self._states.get(uuid)
-        if row is None:
-            self.rows.pop(uuid, None)
-            self._states.pop(uuid, None)
-            new = None
-        else:
-            self.rows[uuid] = row
-            new = self._states[uuid] = port_state(uuid, row)
-        event = transition(old, new)
+        event = self._table.set(uuid, row)
         if event is None:
             return
-        if event.action == OFFLINE:
-            del self.ports[uuid]
-        else:
-            self.ports[uuid] = event
         self.counters["events"] += 1
         try:
             self.callback(event)

@@ -2,8 +2,9 @@
 What a row of the Interface table is, as the local controller sees it.
 
 L{PortEvent} is what the monitor reports; L{port_state} derives its fields
-from a row, and L{transition} says which event (if any) a change from one
-row state to another gives:
+from a row, L{transition} says which event (if any) a change from one
+row state to another gives, and L{PortTable} folds a table's row changes
+into those events (for the monitor and for L{dftx.testing}'s fake):
 
 - bridge: C{type} internal (br-int, br-tun, br-ex's own interfaces);
 - vm: C{external_ids:iface-id} set (C{attached-mac} with it);
@@ -16,12 +17,23 @@ iface-id).  A port is online once its row exists, except that an ofport of
 -1 (the attach failed) holds it back until the ofport is valid; it is
 offline when the row goes (or its ofport turns -1), and any other change
 of the event's fields is an update.
+
+A row is a dict of the columns C{name}, C{type} (str), C{external_ids},
+C{options} (dicts), C{ofport}, C{admin_state}, C{mac_in_use} (frozensets
+of 0 or 1 value), as L{dftx.ovsdb.rows} decodes them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
+
+__all__ = [
+    "OFFLINE", "ONLINE", "TUNNEL_TYPES", "UPDATE", "PortEvent", "PortTable", "Row", "classify",
+    "port_state", "transition",
+]
+
+Row = dict[str, Any]
 
 TUNNEL_TYPES = frozenset({"vxlan", "gre", "geneve"})
 ONLINE, OFFLINE, UPDATE = "online", "offline", "update"
@@ -82,8 +94,9 @@ def port_state(uuid: str, row: Mapping[str, Any]) -> PortEvent:
     external_ids = row["external_ids"]
     options = row["options"]
     ofport = _one(row["ofport"])
+    kind = classify(type_, external_ids, options)
     return PortEvent(
-        kind=classify(type_, external_ids, options),
+        kind=kind,
         action="",
         uuid=uuid,
         name=row["name"],
@@ -92,7 +105,7 @@ def port_state(uuid: str, row: Mapping[str, Any]) -> PortEvent:
         iface_id=external_ids.get("iface-id"),
         attached_mac=external_ids.get("attached-mac"),
         remote_ip=options.get("remote_ip"),
-        tunnel_type=type_ if type_ in TUNNEL_TYPES else None,
+        tunnel_type=type_ if kind == "tunnel" else None,
         peer=options.get("peer"),
         admin_state=_one(row["admin_state"]),
     )
@@ -112,3 +125,41 @@ def transition(old: PortEvent | None, new: PortEvent | None) -> PortEvent | None
     if now and old != new:
         return replace(new, action=UPDATE)  # type: ignore[arg-type]
     return None
+
+
+class PortTable:
+    """
+    The fold of one Interface table's row changes into port events.
+
+    @ivar rows: uuid -> the row of every interface, online or not.
+    @ivar ports: uuid -> the ports currently online, each with its last
+        event (action C{online} or C{update}).
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Row] = {}
+        self.ports: dict[str, PortEvent] = {}
+        self._states: dict[str, PortEvent] = {}  # every row's fields, action ""
+
+    def set(self, uuid: str, row: Row | None) -> PortEvent | None:
+        """
+        The interface C{uuid} now has C{row} (None: its row is gone).
+
+        @return: the event this gives (L{rows} and L{ports} already
+            updated), or None when nothing a subscriber sees changed.
+        """
+        old = self._states.get(uuid)
+        if row is None:
+            self.rows.pop(uuid, None)
+            self._states.pop(uuid, None)
+            new = None
+        else:
+            self.rows[uuid] = row
+            new = self._states[uuid] = port_state(uuid, row)
+        event = transition(old, new)
+        if event is not None:
+            if event.action == OFFLINE:
+                del self.ports[uuid]
+            else:
+                self.ports[uuid] = event
+        return event

@@ -51,11 +51,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dftx.deferreds import deferred
+from dftx.endpoints import tls_from_config
 from dftx.errors import DBConnectionError, DftxError, PublishError, ReplyError
 from dftx.pubsub.api import IPublisher, IPubSub, PublisherBase
 from dftx.pubsub.redis_subscriber import RedisSubscriber, _ring
 from dftx.redis.cluster import MAX_REDIRECTS, ClusterClient
-from dftx.redis.endpoints import TLSOptions
 from dftx.redis.slots import key_slot
 
 __all__ = ["RedisPubSub", "RedisPublisher", "RedisSubscriber"]
@@ -171,7 +171,7 @@ class RedisPublisher(PublisherBase):
             # Not executed: on to the new owner at once, in reply order,
             # so behind every earlier send of the topic.
             self.stats["redirected"] += 1
-            target = self.client._redirect(result, node)[1]
+            target = self.client.redirect_target(result, node)[1]
             if lane.moved_to != target:
                 lane.moved_to = target
                 self.client.refresh().addErrback(lambda f: None)
@@ -235,7 +235,7 @@ class RedisPubSub:
         """For [df] pub_sub_driver = redis or redis_sharded, on
         remote_db_hosts with the [df_redis] settings."""
         r = config.df_redis
-        tls = TLSOptions(r.ca_file, r.cert_file or None, r.key_file or None) if r.tls else None
+        tls = tls_from_config(r)
         return cls(list(config.df.remote_db_hosts),
                    sharded=config.df.pub_sub_driver == "redis_sharded",
                    retries=r.retries, tls=tls, password=r.password or None,

@@ -18,6 +18,11 @@ one shared connection per node, and follows the cluster as it changes.
 A non-cluster server (one that answers CLUSTER SLOTS with "cluster support
 disabled") is served as one shard owning every slot.
 
+The client is made of two parts it drives: L{dftx.redis.nodes} (the
+connections, and what is done on one node: a command sent once, with WAIT;
+a SCAN) and L{dftx.redis.slotmap} (reading and installing topologies, and
+when refreshes run).  This module routes and retries.
+
 For other layers (pub/sub, the HA watcher) the client offers the pieces it
 is made of: L{ClusterClient.owner} (which node serves a slot),
 L{ClusterClient.connection} (the shared connection to a node),
@@ -28,34 +33,30 @@ L{ClusterClient.on_topology_changed}.
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dftx.deferreds import deferred, gather
+from dftx.endpoints import TLSOptions
 from dftx.errors import (
     ClusterDownError, ConnectionClosed, DBConnectionError, NodeUnreachable, NotReplicated,
     ProtocolError, ReplyError,
 )
-from dftx.deferreds import Shared, gather
 from dftx.redis.connection import NodeConnection, ProtocolClass
-from dftx.redis.endpoints import NodeEndpoints, TLSOptions
+from dftx.redis.nodes import Nodes
 from dftx.redis.resp import RespProtocol
+from dftx.redis.slotmap import SlotMap, TopologyListener
 from dftx.redis.slots import SLOTS
-from dftx.redis.topology import Topology, parse_cluster_slots
+from dftx.redis.topology import Topology
 
-log = Logger()
+__all__ = ["MAX_REDIRECTS", "ClusterClient", "TopologyListener"]
 
 MAX_REDIRECTS = 16
 _BUSY = frozenset({"TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN"})
-
-TopologyListener = Callable[[Topology | None, Topology], object]
-
 
 
 class ClusterClient:
@@ -92,27 +93,26 @@ class ClusterClient:
             raise ValueError("retries must be >= 1")
         self.retries = retries
         self._reactor = reactor
-        self._endpoints = NodeEndpoints(hosts, reactor, tls, timeout)
-        self._password = password
-        self._username = username
-        self._timeout = timeout
         self._backoff = backoff
         self._max_backoff = max_backoff
-        self._min_refresh_interval = min_refresh_interval
-        self._conns: dict[str, NodeConnection] = {}
-        self._owners: list[str | None] = [None] * SLOTS
-        self.topology: Topology | None = None
-        self._refreshing: Shared | None = None
-        self._last_refresh = -math.inf
-        self._scheduled: IDelayedCall | None = None
-        self._listeners: list[TopologyListener] = []
         self._closed = False
         #: counters: refreshes, moved, ask, retries, busy
         self.stats: Counter[str] = Counter()
+        self._nodes = Nodes(
+            hosts, reactor, self._connection_lost, password=password, username=username,
+            tls=tls, timeout=timeout, max_backoff=max_backoff,
+        )
+        self._map = SlotMap(reactor, self._nodes, self.stats, min_refresh_interval)
+
+    @property
+    def topology(self) -> Topology | None:
+        """The topology routed by (None before the first is known)."""
+        return self._map.topology
 
     # --- life cycle ---------------------------------------------------------
 
-    def start(self) -> defer.Deferred[Topology]:
+    @deferred
+    async def start(self) -> Topology:
         """
         Learn the topology from the first seed that answers, trying all of
         them up to C{retries} times.
@@ -121,9 +121,6 @@ class ClusterClient:
             L{DBConnectionError} (or L{ProtocolError} when the only answers
             were not Redis).
         """
-        return defer.ensureDeferred(self._start())
-
-    async def _start(self) -> Topology:
         for attempt in range(1, self.retries + 1):
             try:
                 return await self.refresh()
@@ -136,18 +133,14 @@ class ClusterClient:
     def close(self) -> defer.Deferred[None]:
         """Close every connection (after their replies are in)."""
         self._closed = True
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
-        conns, self._conns = list(self._conns.values()), {}
-        return defer.DeferredList(
-            [c.close() for c in conns], consumeErrors=True
-        ).addCallback(lambda _: None)
+        self._map.close()
+        return self._nodes.close()
 
     # --- nodes ----------------------------------------------------------------
 
     def owner(self, slot: int) -> str | None:
         """The node commands for C{slot} go to now (None: no node serves it)."""
-        return self._owners[slot]
+        return self._map.owners[slot]
 
     def connection(self, address: str) -> NodeConnection:
         """
@@ -155,13 +148,7 @@ class ClusterClient:
 
         @raise NodeUnreachable: once the client is closed.
         """
-        conn = self._conns.get(address)
-        if conn is None:
-            if self._closed:
-                raise NodeUnreachable(address, "client closed")
-            conn = self._conns[address] = self.new_connection(address)
-            conn.on_lost(self._connection_lost)
-        return conn
+        return self._nodes.connection(address)
 
     def new_connection(
         self, address: str, protocol_class: ProtocolClass = RespProtocol
@@ -169,33 +156,25 @@ class ClusterClient:
         """
         A new connection of its own to the node at C{address}, with this
         client's endpoint, TLS, AUTH and timeout settings (for commands that
-        take over a connection, such as SUBSCRIBE).  The caller closes it.
+        take over a connection, such as SUBSCRIBE), started.  The caller
+        closes it.
         """
-        return NodeConnection(
-            address,
-            self._endpoints.endpoint(address),
-            self._reactor,
-            password=self._password,
-            username=self._username,
-            timeout=self._timeout,
-            max_backoff=self._max_backoff,
-            protocol_class=protocol_class,
-        )
+        return self._nodes.new_connection(address, protocol_class)
 
     def _connection_lost(self, conn: NodeConnection, reason: Failure) -> None:
         if not self._closed:
-            self._refresh_soon()
+            self._map.refresh_soon()
 
-    # --- topology ---------------------------------------------------------------
+    # --- topology (see dftx.redis.slotmap) ----------------------------------------
 
     def on_topology_changed(self, listener: TopologyListener) -> None:
         """Call C{listener(old, new)} whenever a refresh finds a different
         topology (C{old} is None the first time)."""
-        self._listeners.append(listener)
+        self._map.on_changed(listener)
 
     def remove_topology_listener(self, listener: TopologyListener) -> None:
         """Undo L{on_topology_changed}."""
-        self._listeners.remove(listener)
+        self._map.remove_listener(listener)
 
     def apply_topology(self, topology: Topology) -> None:
         """
@@ -205,101 +184,17 @@ class ClusterClient:
         date, the first MOVED or lost connection corrects it.
         """
         if not self._closed:
-            self._install(topology)
+            self._map.install(topology)
 
     def refresh(self) -> defer.Deferred[Topology]:
         """
         Read CLUSTER SLOTS now (or join the read already under way).
 
-        @return: Deferred firing with the new L{Topology}.
+        @return: Deferred firing with the new L{Topology}; failing with
+            L{DBConnectionError} (or L{ProtocolError} when the only answers
+            were not Redis).
         """
-        if self._refreshing is not None:
-            return self._refreshing.wait()
-        shared = self._refreshing = Shared()
-        waiter = shared.wait()  # before starting: the refresh may end at once
-        defer.ensureDeferred(self._refresh()).addBoth(self._refreshed, shared)
-        return waiter
-
-    def _refreshed(self, result: Any, shared: Shared) -> None:
-        self._refreshing = None
-        self._last_refresh = self._reactor.seconds()
-        shared.fire(result)
-
-    def _refresh_soon(self) -> None:
-        """Refresh once, soon: at once unless one ran very recently."""
-        if self._refreshing is not None or self._closed:
-            return
-        if self._scheduled is not None and self._scheduled.active():
-            return
-        wait = self._last_refresh + self._min_refresh_interval - self._reactor.seconds()
-        if wait > 0:
-            self._scheduled = self._reactor.callLater(wait, self._refresh_quietly)
-        else:
-            self._refresh_quietly()
-
-    def _refresh_quietly(self) -> defer.Deferred[None]:
-        self._scheduled = None
-        if self._closed:
-            return defer.succeed(None)
-        return self.refresh().addErrback(self._refresh_failed)
-
-    def _refresh_failed(self, failure: Failure) -> None:
-        log.warn("topology refresh failed: {error}", error=failure.getErrorMessage())
-
-    async def _refresh_recent(self) -> None:
-        """After a connection failure: a refresh, unless one just ran."""
-        if self._refreshing is None:
-            if self._reactor.seconds() - self._last_refresh < self._min_refresh_interval:
-                return
-        await self._refresh_quietly()
-
-    async def _refresh(self) -> Topology:
-        self.stats["refreshes"] += 1
-        errors: list[Exception] = []
-        for address in self._refresh_candidates():
-            try:
-                topology = await self._read_topology(address)
-            except (DBConnectionError, ProtocolError) as e:
-                errors.append(e)
-                continue
-            self._install(topology)
-            return topology
-        if errors and all(isinstance(e, ProtocolError) for e in errors):
-            raise errors[0]
-        raise DBConnectionError(
-            None, "no node answered CLUSTER SLOTS: " + "; ".join(map(str, errors))
-        )
-
-    def _refresh_candidates(self) -> list[str]:
-        known = self.topology.nodes if self.topology else []
-        ordered = dict.fromkeys([*known, *self._endpoints.seeds])
-        up = [a for a in ordered if a in self._conns and self._conns[a].connected]
-        return list(dict.fromkeys([*up, *ordered]))
-
-    async def _read_topology(self, address: str) -> Topology:
-        reply = await self.connection(address).execute("CLUSTER", "SLOTS")
-        if isinstance(reply, ReplyError):
-            if "cluster support disabled" in reply.message:
-                return Topology.single(address)
-            raise DBConnectionError(address, f"CLUSTER SLOTS: {reply.message}")
-        topology = parse_cluster_slots(reply, address)
-        if not topology.shards:
-            raise DBConnectionError(address, "CLUSTER SLOTS: no slot is assigned")
-        return topology
-
-    def _install(self, topology: Topology) -> None:
-        old, self.topology = self.topology, topology
-        self._owners = topology.owners()
-        keep = set(topology.nodes)
-        for address in [a for a in self._conns if a not in keep]:
-            self._conns.pop(address).close()
-        if old != topology:
-            log.info("Redis topology: {topology}", topology=topology)
-            for listener in list(self._listeners):
-                try:
-                    listener(old, topology)
-                except Exception:
-                    log.failure("topology listener {listener} failed", listener=listener)
+        return self._map.refresh()
 
     # --- commands -----------------------------------------------------------------
 
@@ -324,10 +219,12 @@ class ClusterClient:
             handled here, L{DBConnectionError}/L{ClusterDownError}, or
             L{ProtocolError}.
         """
-        address = self._owners[slot]
+        address = self._map.owners[slot]
+        if self._closed:
+            return defer.fail(DBConnectionError(address, "client closed", slot))
         if address is None or replicas:
-            return defer.ensureDeferred(self._run(args, slot, resend, replicas, None, None))
-        conn = self._conns.get(address) or self.connection(address)
+            return self._run(args, slot, resend, replicas, None, None)
+        conn = self._nodes.connection(address)
         extra = (args, slot, resend, address)
         return conn.execute(*args).addCallbacks(
             self._first_reply, self._first_failure, callbackArgs=extra, errbackArgs=extra
@@ -335,14 +232,15 @@ class ClusterClient:
 
     def _first_reply(self, reply: Any, args: tuple, slot: int, resend: bool, node: str) -> Any:
         if isinstance(reply, ReplyError):
-            return defer.ensureDeferred(self._run(args, slot, resend, 0, node, reply))
+            return self._run(args, slot, resend, 0, node, reply)
         return reply
 
     def _first_failure(
         self, failure: Failure, args: tuple, slot: int, resend: bool, node: str
     ) -> defer.Deferred[Any]:
-        return defer.ensureDeferred(self._run(args, slot, resend, 0, node, failure))
+        return self._run(args, slot, resend, 0, node, failure)
 
+    @deferred
     async def _run(
         self,
         args: tuple,
@@ -352,18 +250,20 @@ class ClusterClient:
         node: str | None,
         outcome: Any,
     ) -> Any:
-        """The slow path: send (again) until a usable reply or out of attempts."""
+        """The slow path: send (again) until a usable reply or out of
+        attempts.  @return: Deferred firing as L{execute}'s does."""
         attempt = 1
         redirects = 0
         ask: str | None = None
         applied: list[Any] = []  # replies of writes done but not replicated
         while True:
             if outcome is None:
-                node = ask or self._owners[slot]
+                node = ask or self._map.owners[slot]
                 if node is None:
                     outcome = Failure(ClusterDownError(None, "no node serves the slot", slot))
                 else:
-                    outcome = await self._send(node, args, ask is not None, replicas, slot, applied)
+                    outcome = await self._nodes.send(
+                        node, args, ask is not None, replicas, slot, applied)
                 ask = None
             if isinstance(outcome, ReplyError):
                 if outcome.kind in ("MOVED", "ASK"):
@@ -372,11 +272,11 @@ class ClusterClient:
                         raise DBConnectionError(
                             node, f"more than {MAX_REDIRECTS} redirections ({outcome.message})", slot
                         )
-                    moved_slot, target = self._redirect(outcome, node)
+                    moved_slot, target = self.redirect_target(outcome, node)
                     if outcome.kind == "MOVED":
                         self.stats["moved"] += 1
-                        self._owners[moved_slot] = target
-                        self._refresh_soon()
+                        self._map.owners[moved_slot] = target
+                        self._map.refresh_soon()
                     else:
                         self.stats["ask"] += 1
                         ask = target
@@ -397,44 +297,8 @@ class ClusterClient:
             attempt += 1
             self.stats["retries"] += 1
             await self._sleep(attempt)
-            await self._refresh_recent()
+            await self._map.refresh_recent()
             outcome = None
-
-    async def _send(
-        self,
-        node: str,
-        args: tuple,
-        asking: bool,
-        replicas: int,
-        slot: int,
-        applied: list[Any],
-    ) -> Any:
-        """Send once; return the reply or a Failure (raise only
-        L{NotReplicated}, and L{DBConnectionError} once closed)."""
-        if self._closed:
-            raise DBConnectionError(node, "client closed", slot)
-        conn = self.connection(node)
-        try:
-            reply = await (conn.execute_asking(*args) if asking else conn.execute(*args))
-        except Exception:
-            return Failure()
-        if not replicas or isinstance(reply, ReplyError):
-            return reply
-        wait_timeout = self._timeout / 2
-        try:
-            acked = await conn.wait_replicas(replicas, wait_timeout)
-        except Exception:
-            applied.append(reply)
-            return Failure()
-        if isinstance(acked, int) and acked >= replicas:
-            return reply
-        what = acked.message if isinstance(acked, ReplyError) else f"{acked} replicas"
-        raise NotReplicated(
-            node,
-            f"the write reached {what}, not {replicas}, within {wait_timeout:g}s",
-            slot,
-            applied[0] if applied else reply,
-        )
 
     def _retryable(
         self, failure: Failure, node: str | None, slot: int, resend: bool
@@ -451,8 +315,13 @@ class ClusterClient:
         failure.raiseException()
         raise AssertionError("unreachable")
 
-    def _redirect(self, reply: ReplyError, node: str | None) -> tuple[int, str]:
-        """The slot and node of C{MOVED slot host:port} / C{ASK ...}."""
+    def redirect_target(self, reply: ReplyError, node: str | None) -> tuple[int, str]:
+        """
+        The slot and node of a C{MOVED slot host:port} / C{ASK ...} reply
+        that C{node} sent.
+
+        @raise ProtocolError: when the reply is not a redirection.
+        """
         parts = reply.message.split()
         if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= SLOTS:
             raise ProtocolError(f"bad redirection {reply.message!r}", node)
@@ -475,9 +344,10 @@ class ClusterClient:
         @return: Deferred firing with the reply; failing with L{ReplyError}
             for an error reply, L{DBConnectionError} or L{ProtocolError}.
         """
-        return self.connection(address).execute(*args).addCallback(_raise_reply_error)
+        return self._nodes.execute_on(address, *args)
 
-    def scan(self, match: bytes, count: int = 1000) -> defer.Deferred[set[bytes]]:
+    @deferred
+    async def scan(self, match: bytes, count: int = 1000) -> set[bytes]:
         """
         Every key matching the SCAN pattern C{match}, on every master.  A
         node that fails makes the whole scan start over (after a refresh),
@@ -486,18 +356,17 @@ class ClusterClient:
 
         @return: Deferred firing with a set of keys (bytes).
         """
-        return defer.ensureDeferred(self._scan(match, count))
-
-    async def _scan(self, match: bytes, count: int) -> set[bytes]:
         attempt = 1
         while True:
             topology = self.topology
+            if self._closed:
+                raise DBConnectionError(None, "client closed")
             if topology is None:
                 raise DBConnectionError(None, "client not started")
             node: str | None = None
             try:
                 pages = await gather(
-                    self._scan_node(n, match, count) for n in topology.masters
+                    self._nodes.scan(n, match, count) for n in topology.masters
                 )
                 if self.topology == topology:
                     return set().union(*pages)
@@ -510,28 +379,5 @@ class ClusterClient:
             attempt += 1
             self.stats["retries"] += 1
             await self._sleep(attempt)
-            await self._refresh_recent()
+            await self._map.refresh_recent()
 
-    async def _scan_node(self, node: str, match: bytes, count: int) -> set[bytes]:
-        keys: set[bytes] = set()
-        cursor = b"0"
-        while True:
-            reply = await self.execute_on(node, "SCAN", cursor, "MATCH", match, "COUNT", count)
-            if (
-                not isinstance(reply, list)
-                or len(reply) != 2
-                or not isinstance(reply[0], bytes)
-                or not isinstance(reply[1], list)
-                or not all(isinstance(k, bytes) for k in reply[1])
-            ):
-                raise ProtocolError(f"SCAN: unexpected reply {reply!r:.100}", node)
-            cursor = reply[0]
-            keys.update(reply[1])
-            if cursor == b"0":
-                return keys
-
-
-def _raise_reply_error(reply: Any) -> Any:
-    if isinstance(reply, ReplyError):
-        raise reply
-    return reply

@@ -2,17 +2,31 @@
 One reconnecting connection to one Redis node.
 
 L{NodeConnection} drives a L{RespProtocol} with Twisted's C{ClientService}:
-it connects (and AUTHs) when started, reconnects with exponential backoff
+once started it connects (and AUTHs), reconnects with exponential backoff
 whenever the connection is lost or AUTH is refused, and lets any number of
-commands be in flight at once.  Commands issued while a (re)connection
-attempt is under way wait for it; commands issued while the node is known
-to be down (its last attempt failed, the next is scheduled) fail at once
-with L{NodeUnreachable}, so that a caller with its own retry policy (the
-cluster client) is never held up by the backoff.
+commands be in flight at once.
+
+Its one L{State} says what a command meets:
+
+    IDLE --start--> CONNECTING --connected--> AUTHENTICATING --ready--> UP
+                      ^    |                        |                  |
+                      |  failed               refused/lost            lost
+                      |    v                        |                  |
+                      +- DOWN <---------------------+    CONNECTING <--+
+
+    (any state --close--> CLOSED)
+
+Commands issued while IDLE, CONNECTING or AUTHENTICATING wait for the
+connection; those waiting when it comes UP are sent, and those waiting when
+the attempt (or its AUTH) fails get L{NodeUnreachable}.  Commands issued
+while DOWN (the last attempt failed, the next is scheduled) or CLOSED fail
+at once with L{NodeUnreachable}, so that a caller with its own retry policy
+(the cluster client) is never held up by the backoff.
 """
 
 from __future__ import annotations
 
+import enum
 import random
 from typing import Any, Callable
 
@@ -23,21 +37,39 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.deferreds import Shared
+from dftx.deferreds import Shared, deferred
 from dftx.errors import NodeUnreachable, ReplyError
 from dftx.reconnect import ReportingEndpoint, SessionBackoff
 from dftx.redis.resp import RespProtocol
+
+__all__ = ["NodeConnection", "ProtocolClass", "State"]
 
 log = Logger()
 
 ProtocolClass = Callable[[str, IReactorTime, float], RespProtocol]
 
 
+class State(enum.Enum):
+    """Where a L{NodeConnection} is (see the module docstring)."""
+
+    IDLE = "idle"  # made, not started
+    CONNECTING = "connecting"  # an attempt is under way, or follows a lost connection
+    AUTHENTICATING = "authenticating"  # connected, AUTH under way
+    UP = "up"  # ready for commands
+    DOWN = "down"  # the last attempt failed; the next waits for the backoff
+    CLOSED = "closed"
+
+
+_WAITING = frozenset({State.IDLE, State.CONNECTING, State.AUTHENTICATING})
+
+
 class NodeConnection:
     """
-    A connection to the node at C{address}, kept up until L{close}.
+    A connection to the node at C{address}, kept up from L{start} until
+    L{close}.
 
     @ivar address: C{"host:port"} (or C{"unix:/path"}) of the node.
+    @ivar state: the connection's L{State}.
     """
 
     def __init__(
@@ -53,17 +85,15 @@ class NodeConnection:
         protocol_class: ProtocolClass = RespProtocol,
     ) -> None:
         self.address = address
+        self.state = State.IDLE
         self._reactor = reactor
         self._password = password
         self._username = username
         self._timeout = timeout
         self._protocol_class = protocol_class
-        self._proto: RespProtocol | None = None
-        self._authenticating = False  # connected, AUTH under way
+        self._proto: RespProtocol | None = None  # set when UP
+        self._why = ""  # why, when DOWN
         self._queue: list[tuple[bytes, int, defer.Deferred[Any]]] = []
-        self._awaiting = False
-        self._down: str | None = None  # why the last attempt failed
-        self._closed = False
         self._connected_listeners: list[Callable[[RespProtocol], object]] = []
         self._lost_listeners: list[Callable[["NodeConnection", Failure], object]] = []
         self._pending_wait: dict[int, Shared] = {}
@@ -77,18 +107,22 @@ class NodeConnection:
             retryPolicy=self._retry,
             clock=reactor,
         )
-        self._service.startService()
 
     def __repr__(self) -> str:
-        state = "up" if self._proto else ("down" if self._down else "connecting")
-        return f"<NodeConnection {self.address} {state}>"
+        return f"<NodeConnection {self.address} {self.state.value}>"
+
+    def start(self) -> None:
+        """Connect, and keep connecting until L{close}."""
+        if self.state is State.IDLE:
+            self._become(State.CONNECTING)
+            self._service.startService()
 
     # --- state ------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
         """True when a connection is up and ready for commands."""
-        return self._proto is not None
+        return self.state is State.UP
 
     @property
     def protocol(self) -> RespProtocol | None:
@@ -105,6 +139,22 @@ class NodeConnection:
         is lost."""
         self._lost_listeners.append(callback)
 
+    def _become(self, state: State, proto: RespProtocol | None = None, why: str = "") -> None:
+        """
+        Enter C{state} (C{proto} is the live protocol when UP, C{why} the
+        reason when DOWN): coming UP sends the waiting commands, going DOWN
+        or CLOSED fails them.
+        """
+        self.state, self._proto, self._why = state, proto, why
+        if state in _WAITING or not self._queue:
+            return
+        queue, self._queue = self._queue, []
+        for data, replies, d in queue:
+            if proto is not None:
+                proto.execute_packed(data, replies).chainDeferred(d)
+            else:
+                d.errback(NodeUnreachable(self.address, why or "connection closed"))
+
     # --- commands -----------------------------------------------------------
 
     def execute(self, *args: bytes | str | int | float) -> defer.Deferred[Any]:
@@ -116,20 +166,12 @@ class NodeConnection:
             L{ConnectionClosed} (sent, outcome unknown) or
             L{dftx.errors.ProtocolError}.
         """
-        data = hiredis.pack_command(args)
-        proto = self._proto
-        if proto is not None:
-            return proto.execute_packed(data)
-        return self._enqueue(data, 1)
+        return self._send(hiredis.pack_command(args), 1)
 
     def execute_asking(self, *args: bytes | str | int | float) -> defer.Deferred[Any]:
         """C{ASKING} then the command, back to back; fires with the
         command's reply."""
-        data = hiredis.pack_command(("ASKING",)) + hiredis.pack_command(args)
-        proto = self._proto
-        if proto is not None:
-            return proto.execute_packed(data, replies=2)
-        return self._enqueue(data, 2)
+        return self._send(hiredis.pack_command(("ASKING",)) + hiredis.pack_command(args), 2)
 
     def wait_replicas(self, replicas: int, timeout: float) -> defer.Deferred[int]:
         """
@@ -148,50 +190,24 @@ class NodeConnection:
         shared = self._pending_wait.pop(replicas)
         self.execute("WAIT", replicas, int(timeout * 1000)).addBoth(shared.fire)
 
-    def _enqueue(self, data: bytes, replies: int) -> defer.Deferred[Any]:
-        if self._closed:
-            return defer.fail(NodeUnreachable(self.address, "connection closed"))
-        if self._down is not None:
-            return defer.fail(NodeUnreachable(self.address, self._down))
-        d: defer.Deferred[Any] = defer.Deferred()
-        self._queue.append((data, replies, d))
-        self._await_connection()
-        return d
-
-    def _await_connection(self) -> None:
-        """Have the queue sent on the next connection (by L{_ready}), or
-        failed when the next attempt (or its AUTH) fails."""
-        if self._queue and not self._awaiting and not self._closed:
-            self._awaiting = True
-            self._service.whenConnected(failAfterFailures=1).addCallbacks(
-                self._connect_done, self._connect_failed
-            )
-
-    def _connect_done(self, proto: Any) -> None:
-        self._awaiting = False
-        if self._queue and not self._authenticating:
-            # The service still saw the connection we just lost: wait for
-            # the next one, once it has noticed.  (While AUTH is under way,
-            # its outcome sends or fails the queue.)
-            self._reactor.callLater(0, self._await_connection)
-
-    def _connect_failed(self, reason: Failure) -> None:
-        self._awaiting = False
-        why = "connection closed" if self._closed else (
-            self._down or reason.getErrorMessage()
-        )
-        queue, self._queue = self._queue, []
-        for _, _, d in queue:
-            d.errback(NodeUnreachable(self.address, why))
+    def _send(self, data: bytes, replies: int) -> defer.Deferred[Any]:
+        if self._proto is not None:
+            return self._proto.execute_packed(data, replies)
+        if self.state in _WAITING:
+            d: defer.Deferred[Any] = defer.Deferred()
+            self._queue.append((data, replies, d))
+            return d
+        return defer.fail(NodeUnreachable(self.address, self._why or "connection closed"))
 
     # --- connection life cycle ----------------------------------------------
 
     def _attempting(self) -> None:
-        self._down = None
+        if self.state is not State.CLOSED:
+            self._become(State.CONNECTING)
 
-    def _attempt_failed(self, reason: Failure) -> Failure:
-        self._down = f"cannot connect: {reason.getErrorMessage()}"
-        return reason
+    def _attempt_failed(self, reason: Failure) -> None:
+        if self.state is not State.CLOSED:
+            self._become(State.DOWN, why=f"cannot connect: {reason.getErrorMessage()}")
 
     def _build(self) -> RespProtocol:
         proto = self._protocol_class(self.address, self._reactor, self._timeout)
@@ -202,12 +218,18 @@ class NodeConnection:
         """A connection was made: AUTH on it (when configured), then use it.
         Run from the connection rather than as ClientService's
         prepareConnection (see L{dftx.reconnect})."""
-        self._authenticating = True
-        defer.ensureDeferred(self._authenticate(proto)).addCallbacks(
+        if self.state is State.CLOSED:
+            proto.transport.abortConnection()
+            return
+        self._become(State.AUTHENTICATING)
+        self._authenticate(proto).addCallbacks(
             lambda _: self._ready(proto), lambda f: self._session_failed(proto, f)
         )
 
+    @deferred
     async def _authenticate(self, proto: RespProtocol) -> None:
+        """AUTH when a password is configured.  @return: Deferred firing
+        with None, or failing with L{NodeUnreachable}."""
         if self._password is None:
             return
         args = ("AUTH", self._username, self._password) if self._username else (
@@ -220,29 +242,22 @@ class NodeConnection:
             raise NodeUnreachable(self.address, f"AUTH refused: {reply.message}")
 
     def _session_failed(self, proto: RespProtocol, failure: Failure) -> None:
-        self._authenticating = False
-        self._retry.failed()
-        error = failure.value
-        self._down = error.reason if isinstance(error, NodeUnreachable) else str(error)
-        if not self._closed:
-            log.warn("Redis node {node}: {why}", node=self.address, why=self._down)
-        queue, self._queue = self._queue, []
-        for _, _, d in queue:
-            d.errback(NodeUnreachable(self.address, self._down))
+        if self.state is not State.CLOSED:
+            self._retry.failed()
+            error = failure.value
+            why = error.reason if isinstance(error, NodeUnreachable) else str(error)
+            log.warn("Redis node {node}: {why}", node=self.address, why=why)
+            self._become(State.DOWN, why=why)
         if not proto.closed:
             proto.transport.abortConnection()
 
     def _ready(self, proto: RespProtocol) -> None:
-        self._authenticating = False
-        if self._closed:
+        if self.state is State.CLOSED:
             proto.transport.abortConnection()
             return
         self._retry.ready()
         proto.notify_lost(self._lost)
-        self._proto = proto
-        queue, self._queue = self._queue, []
-        for data, replies, d in queue:
-            proto.execute_packed(data, replies).chainDeferred(d)
+        self._become(State.UP, proto)
         for cb in list(self._connected_listeners):
             try:
                 cb(proto)
@@ -251,10 +266,9 @@ class NodeConnection:
                             cb=cb, node=self.address)
 
     def _lost(self, proto: RespProtocol, reason: Failure) -> None:
-        if self._proto is proto:
-            self._proto = None
-        if self._closed:
+        if self._proto is not proto or self.state is State.CLOSED:
             return
+        self._become(State.CONNECTING)
         log.info("lost connection to Redis node {node}: {reason}",
                  node=self.address, reason=reason.getErrorMessage())
         for cb in list(self._lost_listeners):
@@ -265,25 +279,26 @@ class NodeConnection:
         Stop reconnecting; let the commands in flight get their replies
         (for at most the timeout), then disconnect.  Commands issued after
         this fail with L{NodeUnreachable}.
-        """
-        if self._closed:
-            return defer.succeed(None)
-        self._closed = True
-        queue, self._queue = self._queue, []
-        for _, _, d in queue:
-            d.errback(NodeUnreachable(self.address, "connection closed"))
-        return defer.ensureDeferred(self._drain_and_stop())
 
-    async def _drain_and_stop(self) -> None:
+        @return: Deferred firing with None once disconnected.
+        """
+        if self.state is State.CLOSED:
+            return defer.succeed(None)
+        started = self.state is not State.IDLE
         proto = self._proto
+        self._become(State.CLOSED, why="connection closed")
+        return self._drain_and_stop(proto, started)
+
+    @deferred
+    async def _drain_and_stop(self, proto: RespProtocol | None, started: bool) -> None:
         if proto is not None and proto.in_flight:
             deadline = self._reactor.seconds() + self._timeout
             while proto.in_flight and not proto.closed and self._reactor.seconds() < deadline:
                 d: defer.Deferred[None] = defer.Deferred()
                 self._reactor.callLater(0.01, d.callback, None)
                 await d
-        await self._service.stopService()
-        self._proto = None
+        if started:
+            await self._service.stopService()
 
 
 def _jitter() -> float:

@@ -25,8 +25,9 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from dftx.errors import ConnectionClosed, DBConnectionError, NodeUnreachable, ProtocolError, ReplyError
+from dftx.errors import ConnectionClosed, ProtocolError, ReplyError
 
+__all__ = ["RespProtocol"]
 
 
 class RespProtocol(protocol.Protocol):

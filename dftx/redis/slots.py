@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import binascii
 
+__all__ = ["SLOTS", "crc16", "hash_tag", "key_slot"]
+
 SLOTS = 16384
 
 

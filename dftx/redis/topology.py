@@ -13,8 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dftx.endpoints import format_address, split_address
 from dftx.errors import ProtocolError
 from dftx.redis.slots import SLOTS
+
+__all__ = ["Shard", "Topology", "parse_cluster_slots"]
 
 
 @dataclass(frozen=True)
@@ -25,25 +28,6 @@ class Shard:
     end: int
     master: str
     replicas: tuple[str, ...] = ()
-
-
-def format_address(host: str, port: int) -> str:
-    """C{"host:port"}, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """
-    The host and port of C{"host:port"} or C{"[v6]:port"}.
-
-    @raise ValueError: when there is no valid port.
-    """
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"not host:port: {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
 
 
 class Topology:
