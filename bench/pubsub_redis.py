@@ -54,9 +54,9 @@ def value(i: int) -> str:
 def hashed_to(node: str, seeds: list[str], prefix: str) -> str:
     """An id that a classic dftx publisher or subscriber hashes to C{node}
     (the cluster has no replicas: every seed is a master)."""
-    from dftx.pubsub.redis import _ring
+    from dftx.pubsub.redis_link import ring
 
-    return next(f"{prefix}-{i}" for i in range(10_000) if _ring(seeds, f"{prefix}-{i}")[0] == node)
+    return next(f"{prefix}-{i}" for i in range(10_000) if ring(seeds, f"{prefix}-{i}")[0] == node)
 
 
 def dftx_publisher(seeds: list[str], sharded: bool, count: int, window: int) -> None:

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("protocols", ("dftx.redis", "dftx.ovsdb")),
     ("drivers", ("dftx.db", "dftx.pubsub")),
     ("coordination", ("dftx.nb", "dftx.registry", "dftx.ha", "dftx.cache")),
-    ("services", ("dftx.config", "dftx.service", "dftx.runner", "dftx.http",
+    ("services", ("dftx.config", "dftx.config_values", "dftx.service", "dftx.runner", "dftx.http",
                   "dftx.publisher", "dftx.controller", "dftx.cli", "dftx.testing",
                   "dftx.__main__", "dftx")),
     ("harness", ("dftx.harness", "dftx.sandbox")),
@@ -43,7 +43,7 @@ def module_name(path: Path) -> str:
 
 def owner(name: str, prefixes: tuple[str, ...]) -> str | None:
     """The longest of C{prefixes} that C{name} is or is inside."""
-    found = [p for p in prefixes if name == p or name.startswith(p + ".")]
+    found = [p for p in prefixes if name == p or (p != "dftx" and name.startswith(p + "."))]
     return max(found, key=len) if found else None
 
 

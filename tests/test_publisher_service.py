@@ -6,7 +6,6 @@ with writer processes pushing over ipc and subscribers in this process.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -12,7 +12,8 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from dftx.errors import PublishError, SubscribeError
-from dftx.pubsub.redis import RedisPubSub, _ring
+from dftx.pubsub.redis import RedisPubSub
+from dftx.pubsub.redis_link import ring
 from dftx.redis.slots import key_slot
 from dftx.harness import poll
 from dftx.update import DbUpdate
@@ -106,7 +107,7 @@ def _id_on_another_node(masters, node):
     """A publisher id or subscriber name that a classic client hashes to a
     master other than C{node}."""
     for i in range(1000):
-        if _ring(masters, f"id-{i}")[0] != node:
+        if ring(masters, f"id-{i}")[0] != node:
             return f"id-{i}"
     raise AssertionError("no id hashes elsewhere")
 
@@ -361,9 +362,9 @@ async def test_nothing_reachable_is_a_subscribe_error():
 
 def test_ring_spreads_ids_over_masters():
     masters = [f"127.0.0.1:{7000 + i}" for i in range(3)]
-    firsts = {_ring(masters, f"id-{i}")[0] for i in range(100)}
+    firsts = {ring(masters, f"id-{i}")[0] for i in range(100)}
     assert firsts == set(masters)
-    assert sorted(_ring(masters, "x")) == sorted(masters)
+    assert sorted(ring(masters, "x")) == sorted(masters)
 
 
 @aio

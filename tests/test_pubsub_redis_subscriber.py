@@ -16,7 +16,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from dftx.codec import encode
-from dftx.pubsub.redis_subscriber import RedisSubscriber, _ring
+from dftx.pubsub.redis_link import ring
+from dftx.pubsub.redis_subscriber import RedisSubscriber
 from dftx.redis.slots import SLOTS, key_slot
 from dftx.redis.topology import Shard, Topology
 from dftx.update import DBRESTART, SYNC, DbUpdate
@@ -161,7 +162,7 @@ def test_classic_subscribes_on_the_node_its_name_picks_and_delivers_messages():
     s = Setup()
     assert s.sub.initialize(s.got.append).called is False
     (conn,) = s.client.conns
-    assert conn.address == _ring(MASTERS, "chassis-1")[0]
+    assert conn.address == ring(MASTERS, "chassis-1")[0]
     assert conn.commands() == [[b"SUBSCRIBE", b"D"]]
     conn.receive("subscribe", "D", 1)
     d = s.sub.register_topic("t1")
@@ -225,9 +226,9 @@ def test_a_node_that_cannot_be_reached_is_left_for_the_next_master():
     same.lose()  # the SUBSCRIBE written to it fails: the next master
     s.clock.advance(0)
     s.confirm()
-    ring = _ring(MASTERS, "chassis-1")
-    assert [c.address for c in s.client.conns] == [ring[0], ring[0], ring[1]]
-    assert s.sub.nodes == [ring[1]] and s.controls() == [(DBRESTART, None)]
+    order = ring(MASTERS, "chassis-1")
+    assert [c.address for c in s.client.conns] == [order[0], order[0], order[1]]
+    assert s.sub.nodes == [order[1]] and s.controls() == [(DBRESTART, None)]
 
 
 def test_resubscribing_retries_with_backoff_until_a_node_takes_the_topics():

@@ -19,7 +19,7 @@ from dftx.pubsub.zmq_relay import ZmqRelay
 from dftx.pubsub.zmq_socket import ZmqSocket, context
 from dftx.pubsub.zmq_subscriber import RECONNECT_CHECK
 from dftx.harness import poll
-from dftx.update import SYNC, DbUpdate
+from dftx.update import SYNC
 
 from .pubsub_contract import PubSubContract
 

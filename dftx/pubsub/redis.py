@@ -54,7 +54,8 @@ from dftx.deferreds import deferred
 from dftx.endpoints import tls_from_config
 from dftx.errors import DBConnectionError, DftxError, PublishError, ReplyError
 from dftx.pubsub.api import IPublisher, IPubSub, PublisherBase
-from dftx.pubsub.redis_subscriber import RedisSubscriber, _ring
+from dftx.pubsub.redis_link import ring
+from dftx.pubsub.redis_subscriber import RedisSubscriber
 from dftx.redis.cluster import MAX_REDIRECTS, ClusterClient
 from dftx.redis.slots import key_slot
 
@@ -120,11 +121,11 @@ class RedisPublisher(PublisherBase):
         if self.sharded:
             return
         topology = self.client.topology
-        ring = _ring(topology.masters if topology else [], self.id)
-        if failed in ring:
-            i = ring.index(failed)
-            ring = ring[i + 1:] + ring[:i]
-        self.node = ring[0] if ring else None
+        order = ring(topology.masters if topology else [], self.id)
+        if failed in order:
+            i = order.index(failed)
+            order = order[i + 1:] + order[:i]
+        self.node = order[0] if order else None
 
     def _send(self, topic: str, data: bytes) -> defer.Deferred[None]:
         if self._closed:

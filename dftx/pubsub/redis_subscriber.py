@@ -30,8 +30,7 @@ Failures, and what the caller sees:
 
 from __future__ import annotations
 
-import zlib
-from typing import Any, Sequence
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -40,9 +39,8 @@ from zope.interface import implementer
 from dftx.deferreds import deferred
 from dftx.errors import DBConnectionError, DftxError, ReplyError, SubscribeError
 from dftx.pubsub.api import Callback, ISubscriber, SubscriberBase
+from dftx.pubsub.redis_link import Link, ring
 from dftx.redis.cluster import ClusterClient
-from dftx.redis.connection import NodeConnection
-from dftx.redis.resp import RespProtocol
 from dftx.redis.slots import key_slot
 from dftx.update import SEND_ALL_TOPIC, SYNC, DbUpdate
 
@@ -50,110 +48,8 @@ __all__ = ["RedisSubscriber"]
 
 log = Logger()
 
-_MESSAGES = frozenset({b"message", b"smessage"})
 _REDIRECTS = frozenset({"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"})
-
-
-def _ring(masters: Sequence[str], name: str) -> list[str]:
-    """C{masters} in the order C{name} tries them: from the one its hash
-    picks, round the sorted list."""
-    ordered = sorted(masters)
-    if not ordered:
-        return []
-    start = zlib.crc32(name.encode("utf-8")) % len(ordered)
-    return ordered[start:] + ordered[:start]
-
-
-class _PubSubProtocol(RespProtocol):
-    """
-    A RESP connection in subscribed mode: pushed messages go to the link,
-    and so does a C{sunsubscribe} that this side did not ask for (the
-    channel's slot moved); every other reply answers a command.
-    """
-
-    link: "_Link"
-
-    def reply_received(self, reply: Any) -> None:
-        if type(reply) is list and len(reply) == 3:
-            kind = reply[0]
-            if kind in _MESSAGES:
-                self.link.message(reply[1], reply[2])
-                return
-            if kind == b"sunsubscribe" and reply[1] not in self.link.leaving:
-                self.link.moved_away(reply[1])
-                return
-        super().reply_received(reply)
-
-
-class _Link:
-    """
-    One subscribe connection to one node and the channels subscribed on it
-    (confirmed by the server).  It is never reused after its connection is
-    lost (L{dead}): the subscriber makes a new one.
-    """
-
-    def __init__(self, subscriber: "RedisSubscriber", address: str) -> None:
-        self.subscriber = subscriber
-        self.address = address
-        self.channels: dict[bytes, str] = {}  # channel -> topic
-        self.leaving: set[bytes] = set()
-        self.busy = 0  # commands in flight
-        self.dead = False
-
-        def build(peer: str, clock: Any, timeout: float) -> _PubSubProtocol:
-            proto = _PubSubProtocol(peer, clock, timeout)
-            proto.link = self
-            return proto
-
-        self.conn: NodeConnection = subscriber.client.new_connection(address, build)
-        self.conn.on_lost(lambda conn, reason: subscriber._link_lost(self, reason))
-
-    async def subscribe(self, topic: str) -> None:
-        """@raise DBConnectionError, ReplyError (MOVED, or a refusal)."""
-        channel = topic.encode("utf-8")
-        self.busy += 1
-        try:
-            reply = await self.conn.execute(self.subscriber._commands[0], channel)
-        finally:
-            self.busy -= 1
-        if isinstance(reply, ReplyError):
-            raise reply
-        if not self.dead:
-            self.channels[channel] = topic
-
-    async def unsubscribe(self, channel: bytes) -> None:
-        """Unsubscribe C{channel} if this link carries it."""
-        if self.channels.pop(channel, None) is None:
-            return
-        self.leaving.add(channel)
-        self.busy += 1
-        try:
-            await self.conn.execute(self.subscriber._commands[1], channel)
-        finally:
-            self.busy -= 1
-            self.leaving.discard(channel)
-
-    def message(self, channel: bytes, data: bytes) -> None:
-        topic = self.channels.get(channel)
-        if topic is None:  # e.g. just unsubscribed: filtered by the base
-            topic = channel.decode("utf-8", "replace")
-        self.subscriber._message(topic, data, self.address)
-
-    def moved_away(self, channel: bytes) -> None:
-        if self.channels.pop(channel, None) is not None:
-            self.subscriber._moved(channel.decode("utf-8", "replace"))
-
-    def ping(self) -> None:
-        """Keepalive: a node that stops answering is dropped after the
-        connection's timeout (the protocol's watchdog)."""
-        if self.conn.connected and not self.dead:
-            self.conn.execute(b"PING").addErrback(lambda f: None)
-
-    def close(self) -> defer.Deferred[None]:
-        """Close the connection (again: a no-op)."""
-        self.dead = True
-        return self.conn.close()
-
+"""Replies to a subscribe that send it to another node (or to later)."""
 
 @implementer(ISubscriber)
 class RedisSubscriber(SubscriberBase):
@@ -181,7 +77,7 @@ class RedisSubscriber(SubscriberBase):
         self.keepalive = keepalive
         self._commands = (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (
             b"SUBSCRIBE", b"UNSUBSCRIBE")
-        self._links: dict[str, _Link] = {}
+        self._links: dict[str, Link] = {}
         self._started = False
         self._closed = False
         self._repairing: defer.Deferred[None] | None = None
@@ -276,15 +172,16 @@ class RedisSubscriber(SubscriberBase):
 
     # --- links ----------------------------------------------------------------------
 
-    def _live_links(self) -> list[_Link]:
+    def _live_links(self) -> list[Link]:
         return [link for link in self._links.values() if not link.dead]
 
-    def _link(self, address: str) -> _Link:
+    def _link(self, address: str) -> Link:
         if self._closed:
             raise SubscribeError(self.name, "subscriber closed")
         link = self._links.get(address)
         if link is None or link.dead:
-            link = self._links[address] = _Link(self, address)
+            link = self._links[address] = Link(self.client, address, self._commands, self._message, self._moved,
+                                             self._link_lost)
         return link
 
     def _candidates(self, channel: bytes) -> list[str]:
@@ -295,7 +192,7 @@ class RedisSubscriber(SubscriberBase):
         for link in self._live_links():  # classic: every channel on one link
             return [link.address]
         topology = self.client.topology
-        return _ring(topology.masters if topology else [], self.name)
+        return ring(topology.masters if topology else [], self.name)
 
     async def _subscribe(self, topic: str) -> None:
         """
@@ -340,7 +237,7 @@ class RedisSubscriber(SubscriberBase):
                 if topic in self.topics:
                     await self._subscribe(topic)
 
-    def _drop(self, link: _Link) -> None:
+    def _drop(self, link: Link) -> None:
         if self._links.get(link.address) is link:
             del self._links[link.address]
         link.dead = True
@@ -359,7 +256,7 @@ class RedisSubscriber(SubscriberBase):
 
     # --- failures ---------------------------------------------------------------------
 
-    def _link_lost(self, link: _Link, reason: Any) -> None:
+    def _link_lost(self, link: Link, reason: Any) -> None:
         if link.dead or self._closed:
             return
         link.dead = True
