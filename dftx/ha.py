@@ -170,7 +170,7 @@ class ClusterWatcher(service.Service):
         """
         masters = list(topology.masters)
         replies = await defer.DeferredList(
-            [defer.maybeDeferred(self.client.connection(m).execute, "INFO", "server")
+            [defer.maybeDeferred(lambda m=m: self.client.connection(m).execute("INFO", "server"))
              for m in masters], consumeErrors=True)
         restarted, known = [], self._run_ids
         self._run_ids = {}

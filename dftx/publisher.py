@@ -88,7 +88,7 @@ class PublisherService(RoleService):
             # A new directory: only the owner and its group reach the socket
             # (the relay then makes the socket file itself 0660).
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
-            self.relay = ZmqRelay(f"ipc://{path}", self.publisher)
+            self.relay = ZmqRelay(f"ipc://{path}", self.publisher, reactor=self.reactor)
             self.relay.start()
 
     async def _loaded(self) -> None:

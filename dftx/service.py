@@ -110,7 +110,7 @@ class RoleService(service.Service):
         self.settings: Any = getattr(config, self.role)
         self.exit_code = 0
         self.missing: str | None = "starting"
-        self.db = db_from_config(config)
+        self.db = db_from_config(config, self.reactor)
         self.mirror = Mirror(self.db, tables, topics, reactor)
         self.counters: Counter[str] = Counter()
         self.publisher: Any = None
@@ -135,7 +135,7 @@ class RoleService(service.Service):
         await self.db.initialize()
         self.missing = "publisher not bound"
         bind = zmq_address(own.publisher_bind_address, own.publisher_port)
-        self.publisher = pubsub.from_config(cfg, bind=bind).get_publisher()
+        self.publisher = pubsub.from_config(cfg, bind=bind, reactor=self.reactor).get_publisher()
         await self.publisher.initialize()
         self.missing = "not registered"
         await self._bound()
@@ -148,7 +148,7 @@ class RoleService(service.Service):
         self.registration.startService()
         await self.registration.started
         self.missing = "not subscribed"
-        self.subscriber = pubsub.from_config(cfg).get_subscriber()
+        self.subscriber = pubsub.from_config(cfg, reactor=self.reactor).get_subscriber()
         for topic in sorted(self.mirror.topics | self.extra_topics):
             await self.subscriber.register_topic(topic)
         await self.subscriber.initialize(self._received)

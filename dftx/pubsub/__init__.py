@@ -11,21 +11,23 @@ from typing import Any
 __all__ = ["from_config", "needs_discovery"]
 
 
-def from_config(config: Any, bind: str | None = None) -> Any:
+def from_config(config: Any, bind: str | None = None, reactor: Any = None) -> Any:
     """
     The pub/sub manager that [df] pub_sub_driver names: C{zmq} gives a
     L{dftx.pubsub.zmq.ZmqPubSub} whose publishers bind C{bind} (None: it
     makes subscribers only), with the [df] CURVE settings; C{redis} and
     C{redis_sharded} give a L{dftx.pubsub.redis.RedisPubSub} on [df]
     remote_db_hosts ([df_redis] settings), for which C{bind} means nothing.
+    Its sockets, connections and timers run on C{reactor} (None: the global
+    reactor).
     """
     if config.df.pub_sub_driver == "zmq":
         from dftx.pubsub.zmq import ZmqPubSub
 
-        return ZmqPubSub.from_config(config, bind=bind)
+        return ZmqPubSub.from_config(config, bind=bind, reactor=reactor)
     from dftx.pubsub.redis import RedisPubSub
 
-    return RedisPubSub.from_config(config)
+    return RedisPubSub.from_config(config, reactor=reactor)
 
 
 def needs_discovery(config: Any) -> bool:

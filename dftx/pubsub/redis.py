@@ -232,7 +232,7 @@ class RedisPubSub:
         self.client_options = client_options
 
     @classmethod
-    def from_config(cls, config: Any) -> "RedisPubSub":
+    def from_config(cls, config: Any, reactor: Any = None) -> "RedisPubSub":
         """For [df] pub_sub_driver = redis or redis_sharded, on
         remote_db_hosts with the [df_redis] settings."""
         r = config.df_redis
@@ -240,7 +240,7 @@ class RedisPubSub:
         return cls(list(config.df.remote_db_hosts),
                    sharded=config.df.pub_sub_driver == "redis_sharded",
                    retries=r.retries, tls=tls, password=r.password or None,
-                   username=r.username or None)
+                   username=r.username or None, reactor=reactor)
 
     def _client(self) -> ClusterClient:
         return ClusterClient(self.hosts, **self.client_options)
