@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.deferreds import deferred, gather
+from dftx.deferreds import deferred, gather, or_global_reactor
 from dftx.update import CREATE, DBRESTART, DELETE, SEND_ALL_TOPIC, SET, SYNC, DbUpdate
 
 __all__ = ["LocalCache", "Mirror", "Observer", "Snapshot", "row_topic"]
@@ -193,8 +193,7 @@ class Mirror:
 
     def __init__(self, db: Any, tables: Iterable[str], topics: Iterable[str] = (),
                  clock: IReactorTime | None = None, max_delay: float = 5.0) -> None:
-        if clock is None:  # an embedding application may omit it
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        clock = or_global_reactor(clock)  # an embedding application may omit it
         self.db = db
         self.cache = LocalCache(tables)
         self.topics: set[str] = {SEND_ALL_TOPIC, *topics}

@@ -30,7 +30,7 @@ from typing import Any
 from twisted.internet import defer, task
 
 from dftx import config as dfconfig
-from dftx.deferreds import deferred
+from dftx.deferreds import deferred, or_global_reactor
 from dftx.errors import DftxError
 
 __all__ = ["COMMANDS", "UserError", "main", "parser", "run"]
@@ -268,8 +268,7 @@ async def run(argv: list[str], out: Any = sys.stdout, err: Any = sys.stderr,
     Run one command with C{reactor} (a caller that runs the global reactor
     may omit it).  @return: the exit status.
     """
-    if reactor is None:
-        from twisted.internet import reactor
+    reactor = or_global_reactor(reactor)
     args = parser().parse_args(argv)
     try:
         await COMMANDS[args.command](args, out, reactor)

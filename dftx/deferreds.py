@@ -1,4 +1,4 @@
-"""Small Deferred helpers the layers share."""
+"""Small Deferred and reactor helpers the layers share."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 
-__all__ = ["Shared", "deferred", "gather"]
+__all__ = ["Joined", "Shared", "deferred", "gather", "or_global_reactor"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -49,6 +49,58 @@ class Shared:
                 d.errback(result)
             else:
                 d.callback(result)
+
+
+def or_global_reactor(reactor: Any) -> Any:
+    """
+    C{reactor}, or the global reactor when it is None: imported only then,
+    so that a module of dftx never installs a reactor when it is imported
+    (an embedding application that passes no reactor gets the one it runs).
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    return reactor
+
+
+class Joined:
+    """
+    An operation that runs once at a time: a call while a run is under way
+    joins that run instead of starting another.
+
+    @param start: starts one run; returns a Deferred of its result.
+    """
+
+    def __init__(self, start: Callable[[], defer.Deferred[Any]]) -> None:
+        self._start = start
+        self._run: Shared | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether a run is under way."""
+        return self._run is not None
+
+    def __call__(self) -> defer.Deferred[Any]:
+        """
+        Join the run under way, or start one.  @return: Deferred firing with
+        the run's result, or failing with its failure.
+        """
+        if self._run is not None:
+            return self._run.wait()
+        run = self._run = Shared()
+        waiter = run.wait()  # before starting: the run may end at once
+        self._start().addBoth(self._finished, run)
+        return waiter
+
+    def wait(self) -> defer.Deferred[None]:
+        """@return: Deferred firing with None when the run under way ends
+        (at once when none is), whatever its result."""
+        if self._run is None:
+            return defer.succeed(None)
+        return self._run.wait().addErrback(lambda _: None)
+
+    def _finished(self, result: Any, run: Shared) -> None:
+        self._run = None
+        run.fire(result)
 
 
 async def gather(coros: Iterable[Awaitable[Any]]) -> list[Any]:

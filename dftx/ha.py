@@ -38,7 +38,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.deferreds import Shared, deferred
+from dftx.deferreds import Joined, deferred, or_global_reactor
 from dftx.errors import DftxError, ProtocolError
 from dftx.redis.topology import Topology
 from dftx.update import SET, DbUpdate
@@ -120,8 +120,7 @@ class ClusterWatcher(service.Service):
         on_failover: FailoverHook | None = None,
         clock: IReactorTime | None = None,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        clock = or_global_reactor(clock)
         self.client = client
         self.publisher = publisher
         self.interval = interval
@@ -133,7 +132,7 @@ class ClusterWatcher(service.Service):
         self._hook_pending = False
         self._run_ids: dict[str, str] = {}
         self._loop: task.LoopingCall | None = None
-        self._running_check: Shared | None = None
+        self._checks = Joined(lambda: self._check().addErrback(self._check_failed))
 
     def startService(self) -> None:
         super().startService()
@@ -146,21 +145,14 @@ class ClusterWatcher(service.Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        if self._running_check is None:
-            return defer.succeed(None)
-        return self._running_check.wait()
+        return self._checks.wait()
 
     def check(self) -> defer.Deferred[None]:
         """
         Check now (a check under way is joined).  @return: Deferred that
         fires (never fails) when the check is done.
         """
-        if self._running_check is not None:
-            return self._running_check.wait()
-        shared = self._running_check = Shared()
-        waiter = shared.wait()  # before starting: the check may end at once
-        self._check().addBoth(self._checked, shared)
-        return waiter
+        return self._checks()
 
     async def _restarted_masters(self, topology: Topology) -> list[str]:
         """
@@ -185,11 +177,8 @@ class ClusterWatcher(service.Service):
                 self._run_ids[master] = current
         return restarted
 
-    def _checked(self, result: Any, shared: Shared) -> None:
-        self._running_check = None
-        if isinstance(result, Failure):
-            log.failure("cluster check failed", result)
-        shared.fire(None)
+    def _check_failed(self, failure: Failure) -> None:
+        log.failure("cluster check failed", failure)
 
     @deferred
     async def _check(self) -> None:

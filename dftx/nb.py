@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dftx.deferreds import Shared, deferred
+from dftx.deferreds import Joined, deferred
 from dftx.update import CREATE, DBRESTART, DELETE, SEND_ALL_TOPIC, SET, DbUpdate
 
 __all__ = ["NbApi", "RestartHook"]
@@ -53,8 +53,7 @@ class NbApi:
         self.db = db
         self.publisher = publisher
         self.on_db_restart = on_db_restart
-        self._restart = Shared()
-        self._restarting = False
+        self._restart = Joined(self._db_restart)
 
     @deferred
     async def create(self, table: str, key: str, value: str, topic: str | None = None) -> None:
@@ -139,15 +138,7 @@ class NbApi:
         @return: Deferred firing with None when done; errbacks with the
             hook's error (nothing is published then) or the publish error.
         """
-        waiter = self._restart.wait()
-        if not self._restarting:
-            self._restarting = True
-            self._db_restart().addBoth(self._restarted)
-        return waiter
-
-    def _restarted(self, result: Any) -> None:
-        self._restarting = False
-        self._restart.fire(result)
+        return self._restart()
 
     @deferred
     async def _db_restart(self) -> None:

@@ -51,7 +51,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.deferreds import Shared, deferred
+from dftx.deferreds import Joined, deferred, or_global_reactor
 from dftx.errors import DBKeyNotFound, DftxError, ProtocolError
 from dftx.update import CREATE, DELETE, LOCAL_CONTROLLER, NEUTRON_SERVER, ROLES, SET, DbUpdate
 
@@ -151,8 +151,7 @@ class Registration(service.Service):
                  clock: IReactorTime | None = None,
                  curve_public_key: str | None = None) -> None:
         other_role(role)  # validates
-        if clock is None:  # an embedding application may omit it
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        clock = or_global_reactor(clock)  # an embedding application may omit it
         self.db = db
         self.id = publisher_id
         self.uri = uri
@@ -241,8 +240,7 @@ class Discovery(service.Service):
 
     def __init__(self, db: Any, subscriber: Any, role: str, timeout: float,
                  interval: float | None = None, clock: IReactorTime | None = None) -> None:
-        if clock is None:  # an embedding application may omit it
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        clock = or_global_reactor(clock)  # an embedding application may omit it
         self.db = db
         self.subscriber = subscriber
         self.role = role
@@ -256,8 +254,7 @@ class Discovery(service.Service):
         """The CURVE server key each connected uri was registered with."""
         self.ready: defer.Deferred[None] = defer.Deferred()
         self._loop: task.LoopingCall | None = None
-        self._read_done = Shared()
-        self._reading = False
+        self._reads = Joined(lambda: self._read().addErrback(self._read_failed))
         # After reads failed: when they work again (rows are not judged
         # stale before a live publisher could refresh its row).
         self._readable_since: float | None = None
@@ -289,17 +286,10 @@ class Discovery(service.Service):
         """
         if not self.running:
             return defer.succeed(None)
-        waiter = self._read_done.wait()
-        if not self._reading:
-            self._reading = True
-            self._read().addBoth(self._finished_reading)
-        return waiter
+        return self._reads()
 
-    def _finished_reading(self, result: Any) -> None:
-        self._reading = False
-        self._read_done.fire(None)
-        if isinstance(result, Failure):
-            log.failure("reading table {table} failed", result, table=PUBLISHER_TABLE)
+    def _read_failed(self, failure: Failure) -> None:
+        log.failure("reading table {table} failed", failure, table=PUBLISHER_TABLE)
 
     @deferred
     async def _read(self) -> None:

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from dftx.harness import DftxService, OvsdbServer, RedisCluster, default_reactor, poll
+from dftx.deferreds import or_global_reactor
+from dftx.harness import DftxService, OvsdbServer, RedisCluster, poll
 from dftx.http import json_or_text
 
 __all__ = ["Deployment", "main", "run_sandbox", "scenario"]
@@ -36,7 +37,7 @@ class Deployment:
         self.dir = Path(base_dir)
         self.cluster = cluster
         self.pub_sub_driver = pub_sub_driver
-        self.reactor = default_reactor(reactor)
+        self.reactor = or_global_reactor(reactor)
         seeds = cluster.seeds
         self.publisher = DftxService.publisher(
             self.dir / "dfpublisher", seeds, pub_sub_driver, publisher_timeout,

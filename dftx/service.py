@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from dftx import config as dfconfig
 from dftx import http, pubsub
 from dftx.cache import Mirror
-from dftx.deferreds import deferred
+from dftx.deferreds import deferred, or_global_reactor
 from dftx.http import Metric
 from dftx.db import from_config as db_from_config
 from dftx.registry import PUBLISHER_TABLE, Discovery, Registration
@@ -103,8 +103,7 @@ class RoleService(service.Service):
 
     def __init__(self, config: dfconfig.Config, tables: Iterable[str],
                  topics: Iterable[str] = (), reactor: Any = None) -> None:
-        if reactor is None:  # an embedding application may omit it
-            from twisted.internet import reactor
+        reactor = or_global_reactor(reactor)  # an embedding application may omit it
         self.config = config
         self.reactor = reactor
         self.settings: Any = getattr(config, self.role)

@@ -28,8 +28,8 @@ from dftx.harness.cluster_nodes import CLUSTER_SLOTS, ClusterNode, parse_cluster
 from dftx.harness.ovsdb import VSWITCH_SCHEMA, OvsdbServer
 from dftx.harness.process import (
     ChildProcess,
+    ServerProcess,
     CommandFailed,
-    default_reactor,
     find_binary,
     free_port,
     poll,
@@ -41,6 +41,7 @@ from dftx.harness.services import TWISTD_MAIN, DftxService
 __all__ = [
     "CLUSTER_SLOTS",
     "ChildProcess",
+    "ServerProcess",
     "ClusterNode",
     "CommandFailed",
     "DftxService",
@@ -49,7 +50,6 @@ __all__ = [
     "RedisServer",
     "TWISTD_MAIN",
     "VSWITCH_SCHEMA",
-    "default_reactor",
     "find_binary",
     "free_port",
     "parse_cluster_nodes",

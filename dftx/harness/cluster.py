@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from twisted.internet import defer
 
 from dftx.harness.cluster_nodes import CLUSTER_SLOTS, ClusterNode, parse_cluster_nodes
-from dftx.harness.process import CommandFailed, default_reactor, poll, run
+from dftx.deferreds import or_global_reactor
+from dftx.harness.process import CommandFailed, poll, run
 from dftx.harness.redis import RedisServer
 
 __all__ = ["RedisCluster"]
@@ -36,7 +37,7 @@ class RedisCluster:
         node_timeout_ms: int = 2000,
         reactor: Any = None,
     ) -> None:
-        self.reactor = default_reactor(reactor)
+        self.reactor = or_global_reactor(reactor)
         self._own_dir = base_dir is None
         self.dir = Path(base_dir or tempfile.mkdtemp(prefix="dftx-cluster-"))
         self.replicas = replicas

@@ -9,8 +9,9 @@ from typing import Any, Sequence
 
 from twisted.internet import endpoints
 
+from dftx.deferreds import or_global_reactor
 from dftx.harness.process import (
-    ChildProcess, CommandFailed, default_reactor, free_port, poll, run,
+    ChildProcess, CommandFailed, ServerProcess, free_port, poll, run,
 )
 from dftx.ovsdb.jsonrpc import JsonRpcProtocol
 
@@ -19,7 +20,7 @@ __all__ = ["OvsdbServer", "VSWITCH_SCHEMA"]
 VSWITCH_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 
 
-class OvsdbServer:
+class OvsdbServer(ServerProcess):
     """
     ovsdb-server on a fresh Open_vSwitch database, listening on a unix
     socket and on C{tcp:127.0.0.1:port}.  With C{clustered}, the database is
@@ -38,7 +39,7 @@ class OvsdbServer:
         extra_args: Sequence[str] = (),
         reactor: Any = None,
     ) -> None:
-        self.reactor = default_reactor(reactor)
+        self.reactor = or_global_reactor(reactor)
         self._own_dir = base_dir is None
         self.dir = Path(base_dir or tempfile.mkdtemp(prefix="dftx-ovsdb-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -74,11 +75,6 @@ class OvsdbServer:
         """C{"unix:/path/db.sock"}: a Twisted client endpoint string, and an
         OVS remote too."""
         return f"unix:{self.sock_path}"
-
-    @property
-    def running(self) -> bool:
-        """Whether the process runs (paused or not)."""
-        return self.process.running
 
     async def start(self, timeout: float = 15.0) -> None:
         """Create the database file if needed, start, wait for list-dbs."""
@@ -153,26 +149,6 @@ class OvsdbServer:
         errors = [r for r in reply if isinstance(r, dict) and "error" in r]
         if errors or reply[-1].get("count") != 1:
             raise CommandFailed(["ovsdb-client", "transact"], f"add_ports: {errors or reply[-1]}")
-
-    async def kill(self) -> None:
-        """kill -9 and wait until gone."""
-        await self.process.kill()
-        self.paused = False
-
-    async def restart(self, timeout: float = 15.0) -> None:
-        """kill -9 (if running) and start again on the same port and file."""
-        await self.kill()
-        await self.start(timeout)
-
-    def pause(self) -> None:
-        """SIGSTOP: a stalled server."""
-        self.process.signal("STOP")
-        self.paused = True
-
-    def resume(self) -> None:
-        """SIGCONT after L{pause}."""
-        self.process.signal("CONT")
-        self.paused = False
 
     async def stop(self) -> None:
         """Kill the server and remove its directory (if this object made it)."""

@@ -23,10 +23,12 @@ from typing import Any, Callable, Sequence
 from twisted.internet import defer, error, protocol, task
 from twisted.python.failure import Failure
 
+from dftx.deferreds import or_global_reactor
+
 __all__ = [
     "ChildProcess",
+    "ServerProcess",
     "CommandFailed",
-    "default_reactor",
     "find_binary",
     "free_port",
     "poll",
@@ -63,16 +65,6 @@ def _track(pid: int) -> None:
         atexit.register(_kill_leftovers)
         _cleanup_registered = True
     _live.add(pid)
-
-
-def default_reactor(reactor: Any = None) -> Any:
-    """C{reactor}, or the global reactor when it is None (imported now, which
-    installs the default one if the application has not chosen one)."""
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        return global_reactor
-    return reactor
 
 
 class CommandFailed(Exception):
@@ -144,7 +136,7 @@ async def poll(
     @return: the true value.
     @raise TimeoutError: naming C{what} and the last exception, if any.
     """
-    reactor = default_reactor(reactor)
+    reactor = or_global_reactor(reactor)
     deadline = reactor.seconds() + timeout
     last: BaseException | None = None
     while True:
@@ -194,7 +186,7 @@ async def run(
     @raise CommandFailed: on a non-zero exit (when C{check}), or when it has
         not finished after C{timeout} seconds (it is then killed).
     """
-    reactor = default_reactor(reactor)
+    reactor = or_global_reactor(reactor)
     argv = [find_binary(argv[0]), *argv[1:]]
     proto = _CommandProtocol()
     proc = reactor.spawnProcess(proto, argv[0], argv, env=os.environ)
@@ -227,7 +219,7 @@ class ChildProcess(protocol.ProcessProtocol):
         self.argv = [find_binary(argv[0]), *argv[1:]]
         self.log_path = log_path
         self.cwd = cwd
-        self.reactor = default_reactor(reactor)
+        self.reactor = or_global_reactor(reactor)
         self.transport: Any = None
         self._ended: defer.Deferred[None] = defer.Deferred()
         self._log: Any = None
@@ -281,3 +273,42 @@ class ChildProcess(protocol.ProcessProtocol):
         """kill -9 and wait for the exit (works on a stopped process too)."""
         self.signal("KILL")
         await self.wait_ended()
+
+
+class ServerProcess:
+    """
+    What every server of the harness does with its one L{ChildProcess}
+    (C{process}): kill -9, restart, pause and resume.  A subclass provides
+    C{start(timeout)}, which starts the process and waits until it serves.
+    """
+
+    process: ChildProcess
+    paused = False
+
+    @property
+    def running(self) -> bool:
+        """Whether the process runs (paused or not)."""
+        return self.process.running
+
+    async def start(self, timeout: float = 15.0) -> None:
+        raise NotImplementedError
+
+    async def kill(self) -> None:
+        """kill -9 the server and wait until it is gone."""
+        await self.process.kill()
+        self.paused = False
+
+    async def restart(self, timeout: float = 15.0) -> None:
+        """kill -9 (if running) and start again on the same port and files."""
+        await self.kill()
+        await self.start(timeout)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server stops answering but keeps its connections."""
+        self.process.signal("STOP")
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after L{pause}."""
+        self.process.signal("CONT")
+        self.paused = False

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from dftx.harness.process import ChildProcess, default_reactor, free_port, poll, run
+from dftx.deferreds import or_global_reactor
+from dftx.harness.process import ChildProcess, ServerProcess, free_port, poll, run
 
 __all__ = ["RedisServer"]
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """
     One redis-server on 127.0.0.1, without persistence: no RDB snapshots,
     no AOF, and a replica deletes the RDB file of each full sync once it
@@ -30,7 +31,7 @@ class RedisServer:
         extra_args: Sequence[str] = (),
         reactor: Any = None,
     ) -> None:
-        self.reactor = default_reactor(reactor)
+        self.reactor = or_global_reactor(reactor)
         self.port = free_port(also_free=(10000,) if cluster else ())
         self.dir = Path(base_dir) / f"redis-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -62,11 +63,6 @@ class RedisServer:
         """C{"127.0.0.1:port"}."""
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        """Whether the process runs (paused or not)."""
-        return self.process.running
-
     def __repr__(self) -> str:
         return f"<RedisServer {self.address} pid={self.process.pid}>"
 
@@ -89,26 +85,6 @@ class RedisServer:
         if not self.process.running:
             raise RuntimeError(f"exited; see {self.process.log_path}")
         return (await self.cli("PING", timeout=2)) == "PONG"
-
-    async def kill(self) -> None:
-        """kill -9 the server and wait until it is gone."""
-        await self.process.kill()
-        self.paused = False
-
-    async def restart(self, timeout: float = 15.0) -> None:
-        """kill -9 (if running) and start again on the same port and dir."""
-        await self.kill()
-        await self.start(timeout)
-
-    def pause(self) -> None:
-        """SIGSTOP: the server stops answering but keeps its connections."""
-        self.process.signal("STOP")
-        self.paused = True
-
-    def resume(self) -> None:
-        """SIGCONT after L{pause}."""
-        self.process.signal("CONT")
-        self.paused = False
 
     async def info(self, section: str) -> dict[str, str]:
         """INFO C{section} as a dict ("cluster" means CLUSTER INFO)."""

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from twisted.internet import error
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
-from dftx.harness.process import ChildProcess, CommandFailed, default_reactor, free_port, poll
+from dftx.deferreds import or_global_reactor
+from dftx.harness.process import ChildProcess, CommandFailed, free_port, poll
 
 __all__ = ["DftxService", "TWISTD_MAIN"]
 
@@ -44,7 +45,7 @@ class DftxService:
     def __init__(self, plugin: str, directory: Path, config: str, http_port: int,
                  reactor: Any = None) -> None:
         self.plugin = plugin
-        self.reactor = default_reactor(reactor)
+        self.reactor = or_global_reactor(reactor)
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.http_port = http_port

@@ -38,7 +38,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.deferreds import deferred
+from dftx.deferreds import deferred, or_global_reactor
 from dftx.endpoints import client_endpoint
 from dftx.errors import DBConnectionError, DftxError, OvsdbError, ProtocolError
 from dftx.ovsdb.jsonrpc import DEFAULT_MAX_MESSAGE, DEFAULT_PROBE_INTERVAL, JsonRpcProtocol
@@ -134,8 +134,7 @@ class InterfaceMonitor(service.Service):
         max_message: int = DEFAULT_MAX_MESSAGE,
         max_retry_delay: float = 5.0,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = or_global_reactor(reactor)
         self.endpoint = endpoint
         self.callback = callback
         self.on_sync_start = on_sync_start

@@ -36,7 +36,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dftx.deferreds import deferred
+from dftx.deferreds import deferred, or_global_reactor
 from dftx.errors import DBConnectionError, DftxError, ReplyError, SubscribeError
 from dftx.pubsub.api import Callback, ISubscriber, SubscriberBase
 from dftx.pubsub.redis_link import Link, ring
@@ -67,9 +67,7 @@ class RedisSubscriber(SubscriberBase):
     def __init__(self, client: ClusterClient, sharded: bool, name: str,
                  max_backoff: float = 2.0, keepalive: float = 2.0, clock: Any = None) -> None:
         super().__init__()
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock = clock
+        self.clock = or_global_reactor(clock)
         self.client = client
         self.sharded = sharded
         self.name = name

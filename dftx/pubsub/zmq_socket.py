@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dftx.deferreds import or_global_reactor
 from dftx.errors import PublishError
 
 __all__ = [
@@ -89,10 +90,7 @@ _contexts: dict[Any, ZmqContext] = {}
 def context(reactor: Any = None) -> ZmqContext:
     """The L{ZmqContext} of C{reactor} (default: the global reactor),
     made on first use."""
-    if reactor is None:
-        from twisted.internet import reactor as default
-
-        reactor = default
+    reactor = or_global_reactor(reactor)
     ctx = _contexts.get(reactor)
     if ctx is None:
         ctx = _contexts[reactor] = ZmqContext(reactor)

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from dftx.deferreds import deferred, gather
+from dftx.deferreds import deferred, gather, or_global_reactor
 from dftx.endpoints import TLSOptions
 from dftx.errors import (
     ClusterDownError, ConnectionClosed, DBConnectionError, NodeUnreachable, NotReplicated,
@@ -87,8 +87,7 @@ class ClusterClient:
         min_refresh_interval: float = 0.1,
         reactor: Any = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = or_global_reactor(reactor)
         if retries < 1:
             raise ValueError("retries must be >= 1")
         self.retries = retries

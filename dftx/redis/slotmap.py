@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dftx.deferreds import Shared, deferred
+from dftx.deferreds import Joined, deferred
 from dftx.errors import DBConnectionError, ProtocolError, ReplyError
 from dftx.redis.nodes import Nodes
 from dftx.redis.slots import SLOTS
@@ -62,7 +62,7 @@ class SlotMap:
         self.topology: Topology | None = None
         self.owners: list[str | None] = [None] * SLOTS
         self._listeners: list[TopologyListener] = []
-        self._refreshing: Shared | None = None
+        self._refreshes = Joined(self._timed_refresh)
         self._last_refresh = -math.inf
         self._scheduled: IDelayedCall | None = None
         self._closed = False
@@ -105,21 +105,18 @@ class SlotMap:
             L{DBConnectionError} (or L{ProtocolError} when the only answers
             were not Redis).
         """
-        if self._refreshing is not None:
-            return self._refreshing.wait()
-        shared = self._refreshing = Shared()
-        waiter = shared.wait()  # before starting: the refresh may end at once
-        self._refresh().addBoth(self._refreshed, shared)
-        return waiter
+        return self._refreshes()
 
-    def _refreshed(self, result: Any, shared: Shared) -> None:
-        self._refreshing = None
+    def _timed_refresh(self) -> defer.Deferred[Topology]:
+        return self._refresh().addBoth(self._refreshed)
+
+    def _refreshed(self, result: Any) -> Any:
         self._last_refresh = self._reactor.seconds()
-        shared.fire(result)
+        return result
 
     def refresh_soon(self) -> None:
         """Refresh once, soon: at once unless one ran very recently."""
-        if self._refreshing is not None or self._closed:
+        if self._refreshes.running or self._closed:
             return
         if self._scheduled is not None and self._scheduled.active():
             return
@@ -142,7 +139,7 @@ class SlotMap:
     async def refresh_recent(self) -> None:
         """After a connection failure: a refresh (its errors logged), unless
         one just ran.  @return: Deferred firing with None when it is done."""
-        if self._refreshing is None:
+        if not self._refreshes.running:
             if self._reactor.seconds() - self._last_refresh < self._min_refresh_interval:
                 return
         await self._refresh_quietly()
