@@ -30,13 +30,14 @@ from typing import Any, Iterable
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from dftx import config as dfconfig
 from dftx import http, pubsub
 from dftx.cache import Mirror
 from dftx.deferreds import deferred, or_global_reactor
-from dftx.http import Metric
 from dftx.db import from_config as db_from_config
+from dftx.http import IStatusSource, Metric
 from dftx.registry import PUBLISHER_TABLE, Discovery, Registration
 from dftx.update import DbUpdate
 
@@ -72,6 +73,7 @@ def curve_status(publisher: Any) -> dict[str, Any] | None:
     }
 
 
+@implementer(IStatusSource)
 class RoleService(service.Service):
     """
     A service of role L{role} for a loaded L{dftx.config.Config}, which

@@ -342,8 +342,10 @@ def test_both_services_report_the_shared_status_and_their_own(tmp_path):
     point, with the reactor it is given: what /v1/status and /metrics show
     before start (the keys doc/publisher.md and doc/controller.md list)."""
     from twisted.internet.testing import MemoryReactorClock
+    from zope.interface.verify import verifyObject
 
     from dftx import controller, publisher, runner
+    from dftx.http import IStatusSource
 
     path = tmp_path / "dftx.ini"
     path.write_text("[df]\nnb_db_driver = memory\n[df_local_controller]\nchassis_name = c1\n")
@@ -363,6 +365,7 @@ def test_both_services_report_the_shared_status_and_their_own(tmp_path):
         reactor = MemoryReactorClock()
         svc = module.makeService(options, reactor)
         assert svc.reactor is reactor and svc.mirror.cache is not None
+        assert verifyObject(IStatusSource, svc)
         status = svc.status()
         assert set(status) == shared | own
         assert status["role"] == svc.role and status["not_ready"] == "starting"

@@ -240,7 +240,8 @@ class RedisPubSub:
         return cls(list(config.df.remote_db_hosts),
                    sharded=config.df.pub_sub_driver == "redis_sharded",
                    retries=r.retries, tls=tls, password=r.password or None,
-                   username=r.username or None, reactor=reactor)
+                   username=r.username or None,
+                   **({} if reactor is None else {"reactor": reactor}))
 
     def _client(self) -> ClusterClient:
         return ClusterClient(self.hosts, **self.client_options)

@@ -80,7 +80,7 @@ class RedisSubscriber(SubscriberBase):
         self._closed = False
         self._repairing: defer.Deferred[None] | None = None
         self._pinger = task.LoopingCall(self._ping)
-        self._pinger.clock = clock
+        self._pinger.clock = self.clock
 
     @property
     def nodes(self) -> list[str]:
