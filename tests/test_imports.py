@@ -22,7 +22,10 @@ MODULES = sorted(
              else p.relative_to(ROOT).with_suffix("").parts)
     for p in (ROOT / "dftx").rglob("*.py") if p.name != "__main__.py")
 
-# Run in the child: spy on atexit.register, import the module, report.
+# Run in the child: spy on atexit.register, import the modules one after the
+# other, and report after each what has happened so far.  A side effect shows
+# after the first import that causes it (the module or one it imports), and
+# stays visible after every later one.
 PROBE = """
 import atexit, importlib, json, os, sys, threading
 
@@ -35,34 +38,31 @@ def spy(func, *args, **kwargs):
 
 atexit.register = spy
 threads = threading.active_count()
-importlib.import_module(sys.argv[1])
-children = []
-for task in os.listdir("/proc/self/task"):
-    with open(f"/proc/self/task/{task}/children") as f:
-        children += f.read().split()
-print(json.dumps({
-    "reactor": "twisted.internet.reactor" in sys.modules,
-    "atexit": [h for h in hooks if h.startswith("dftx")],
-    "threads": threading.active_count() - threads,
-    "children": children,
-}))
+reports = {}
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+    children = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            children += f.read().split()
+    reports[name] = {
+        "reactor": "twisted.internet.reactor" in sys.modules,
+        "atexit": [h for h in hooks if h.startswith("dftx")],
+        "threads": threading.active_count() - threads,
+        "children": children,
+    }
+print(json.dumps(reports))
 """
 
 
 @pytest.fixture(scope="module")
 def probes():
-    """Each module imported in its own fresh interpreter, all at once: the
-    report each child printed, by module."""
+    """Every module imported in one fresh interpreter, in order: what had
+    happened after each import, by module."""
     # -c puts the working directory first on sys.path: this tree's dftx.
-    children = {m: subprocess.Popen([sys.executable, "-c", PROBE, m], cwd=ROOT, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                for m in MODULES}
-    reports = {}
-    for module, child in children.items():
-        out, err = child.communicate(timeout=120)
-        assert child.returncode == 0, f"import {module} failed: {err[-2000:]}"
-        reports[module] = json.loads(out.splitlines()[-1])
-    return reports
+    out = subprocess.run([sys.executable, "-c", PROBE, *MODULES], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    return json.loads(out.splitlines()[-1])
 
 
 def test_every_module_is_probed():
@@ -71,4 +71,6 @@ def test_every_module_is_probed():
 
 @pytest.mark.parametrize("module", MODULES)
 def test_import_installs_no_reactor_and_starts_nothing(module, probes):
+    """Fails at the first module (in sorted order) whose import, or that of a
+    module it imports, had a side effect."""
     assert probes[module] == {"reactor": False, "atexit": [], "threads": 0, "children": []}
