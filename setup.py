@@ -1,8 +1,14 @@
+import re
+
 from setuptools import find_packages, setup
+
+# One version: dftx.__version__ (dftx --version, /v1/status, dftx_build_info).
+with open("dftx/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
 
 setup(
     name="dftx",
-    version="0.1.0.dev0",
+    version=VERSION,
     description="Twisted-native distribution layer for SDN controllers "
     "(Dragonflow's NB DB, pub/sub and OVSDB monitor on Redis Cluster and ZeroMQ)",
     long_description=open("README.md", encoding="utf-8").read(),
@@ -18,6 +24,7 @@ setup(
         "msgpack>=1.0",
         "service-identity>=24.1",
         "zope.interface>=6",
+        "prometheus_client>=0.20",
     ],
     entry_points={"console_scripts": ["dftx = dftx.cli:main"]},
     extras_require={

@@ -185,15 +185,20 @@ class Mirror:
     (the database unreachable during a failover) is retried after a delay
     that doubles up to C{max_delay} seconds.  Every real change goes to the
     observers.  C{clock} times the retries (default: the global reactor,
-    for an embedding application that does not give one).
+    for an embedding application that does not give one) and the resyncs:
+    C{on_resync}, when given, is called after each one with its duration in
+    seconds and whether it succeeded (metrics).
 
     @ivar counters: C{changes}, C{resyncs}, C{resync_errors},
         C{resync_changes}, C{observer_errors}.
     """
 
     def __init__(self, db: Any, tables: Iterable[str], topics: Iterable[str] = (),
-                 clock: IReactorTime | None = None, max_delay: float = 5.0) -> None:
+                 clock: IReactorTime | None = None, max_delay: float = 5.0,
+                 on_resync: Callable[[float, bool], object] | None = None) -> None:
         clock = or_global_reactor(clock)  # an embedding application may omit it
+        self.clock = clock
+        self.on_resync = on_resync
         self.db = db
         self.cache = LocalCache(tables)
         self.topics: set[str] = {SEND_ALL_TOPIC, *topics}
@@ -256,11 +261,13 @@ class Mirror:
         snap = self.cache.snapshot(topics)
         only = next(iter(topics)) if len(topics) == 1 else None
         tables = sorted(self.cache.tables)
+        started = self.clock.seconds()
         try:
             found = await gather(self.db.get_all_rows(t, only) for t in tables)
         except Exception:
             self.cache.abandon(snap)
             self.counters["resync_errors"] += 1
+            self._timed(started, False)
             raise
         changes = self.cache.reconcile(snap, dict(zip(tables, found)))
         self.counters["resyncs"] += 1
@@ -268,7 +275,12 @@ class Mirror:
         if changes:
             log.info("resync of {topics}: {n} changes", n=len(changes),
                      topics=sorted(t or SEND_ALL_TOPIC for t in topics))
+        self._timed(started, True)
         self._changed(changes)
+
+    def _timed(self, started: float, ok: bool) -> None:
+        if self.on_resync is not None:
+            self.on_resync(self.clock.seconds() - started, ok)
 
     def _changed(self, changes: list[DbUpdate]) -> None:
         self.counters["changes"] += len(changes)

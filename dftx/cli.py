@@ -11,6 +11,10 @@ The operator command, C{dftx} (also C{python -m dftx}):
     dftx status URL                    a service's /v1/status, readable
     dftx curve-keygen DIR [--name N]   a new ZeroMQ CURVE key pair: DIR/N.key
                                        (public) and DIR/N.key_secret (0600)
+    dftx check-config FILE [--role R]  check a service's configuration file as
+                                       the service does at start ("ok", or the
+                                       error and status 1); connects to nothing
+    dftx --version                     dftx's version
 
 The NB database comes from C{--db host:port,...} or the C{[df]} section of
 C{--config FILE}; publishing and tailing need C{--config} (the pub/sub
@@ -29,6 +33,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 
+from dftx import __version__
 from dftx import config as dfconfig
 from dftx.deferreds import deferred, or_global_reactor
 from dftx.errors import DftxError
@@ -42,6 +47,7 @@ class UserError(Exception):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dftx", description="Look inside a dftx deployment.")
+    p.add_argument("--version", action="version", version=f"dftx {__version__}")
     p.add_argument("--config", help="an INI file of a service ([df], [df_redis], ...)")
     p.add_argument("--db", help="Redis seed nodes, host:port,... (instead of --config)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -69,7 +75,21 @@ def parser() -> argparse.ArgumentParser:
     keygen.add_argument("dir")
     keygen.add_argument("--name", default="dftx",
                         help="file name: NAME.key and NAME.key_secret (default: dftx)")
+    check = sub.add_parser(
+        "check-config", help="check a service's configuration file as the service does at "
+        "start, connecting to nothing: prints ok, or the error with exit status 1")
+    check.add_argument("file")
+    check.add_argument("--role", choices=sorted(SERVICE_ROLES),
+                       help="the service that reads it (default: check the common sections "
+                       "and every role section present, without building a service)")
     return p
+
+
+SERVICE_ROLES = {
+    "dfpublisher": dfconfig.NEUTRON_SERVER, "neutron_server": dfconfig.NEUTRON_SERVER,
+    "dfcontroller": dfconfig.LOCAL_CONTROLLER, "df_local_controller": dfconfig.LOCAL_CONTROLLER,
+}
+"""check-config --role: a service's name or its role."""
 
 
 def _config(args: argparse.Namespace) -> dfconfig.Config:
@@ -258,8 +278,21 @@ async def curve_keygen(args: argparse.Namespace, out: Any, reactor: Any) -> None
               f"zmq_curve_secret_key_file)\n")
 
 
+async def check_config(args: argparse.Namespace, out: Any, reactor: Any) -> None:
+    from dftx import runner
+    from dftx.controller import ControllerService
+    from dftx.publisher import PublisherService
+
+    if args.role is None:
+        dfconfig.load(args.file)
+    else:
+        factory = {s.role: s for s in (PublisherService, ControllerService)}
+        runner.build(args.file, factory[SERVICE_ROLES[args.role]], reactor)
+    out.write("ok\n")
+
+
 COMMANDS = {"topology": topology, "ls": ls, "get": get, "publish": publish, "tail": tail,
-            "status": status, "curve-keygen": curve_keygen}
+            "status": status, "curve-keygen": curve_keygen, "check-config": check_config}
 
 
 async def run(argv: list[str], out: Any = sys.stdout, err: Any = sys.stderr,

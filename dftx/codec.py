@@ -2,10 +2,12 @@
 Wire encoding of a L{DbUpdate}: a msgpack map.
 
 The map holds C{table, key, action, value, topic} (what Dragonflow sends and
-reads, so either side interoperates with it), plus C{publisher} (id) and
-C{seq} (per publisher and topic, from 1) when the sender stamps them; peers
+reads, so either side interoperates with it), plus C{publisher} (id),
+C{seq} (per publisher and topic, from 1) and C{sent} (the publisher's send
+time, seconds since the epoch, a float) when the sender stamps them; peers
 that do not know these keys ignore them, and L{decode} ignores keys it does
-not know.
+not know.  A C{sent} that is not a number is ignored (it only feeds the
+delivery lag metric), never a reason to drop the message.
 
 A row update has a table and a row action (L{ROW_ACTIONS}); a control event
 has table None and a control action (L{CONTROL_ACTIONS}).  L{decode} refuses
@@ -34,11 +36,13 @@ def encode(
     publisher: str | None = None,
     seq: int | None = None,
     topic: str | None = None,
+    sent: float | None = None,
 ) -> bytes:
     """
     @param publisher: the sender's id, stamped instead of C{update.publisher}.
     @param seq: the sequence number, stamped instead of C{update.seq}.
     @param topic: the topic it is sent on, instead of C{update.topic}.
+    @param sent: the send time, stamped instead of C{update.sent}.
     @return: the msgpack bytes.
     @raise ProtocolError: when a field cannot be encoded (a value that is
         not text, bytes or None, say).
@@ -52,6 +56,9 @@ def encode(
         message["publisher"] = publisher
     if seq is not None:
         message["seq"] = seq
+    sent = update.sent if sent is None else sent
+    if sent is not None:
+        message["sent"] = sent
     try:
         return _packer.pack(message)
     except (TypeError, ValueError, OverflowError) as e:
@@ -61,7 +68,8 @@ def encode(
 def decode(data: bytes, peer: str | None = None) -> DbUpdate:
     """
     @param peer: where the message came from, for the error.
-    @return: the L{DbUpdate}, with C{publisher} and C{seq} when present.
+    @return: the L{DbUpdate}, with C{publisher}, C{seq} and C{sent} when
+        present.
     @raise ProtocolError: for anything that is not such a map (an unknown
         action, a row action without a table or a control action with
         one); never any other exception.
@@ -84,8 +92,14 @@ def decode(data: bytes, peer: str | None = None) -> DbUpdate:
                 and (publisher is None or type(publisher) is str)
                 and (seq is None or (type(seq) is int and seq >= 0))
                 and "table" in message and "key" in message and "value" in message):
-            return DbUpdate(table, key, action, value, topic, publisher=publisher, seq=seq)
+            return DbUpdate(table, key, action, value, topic, publisher=publisher, seq=seq,
+                            sent=_sent(get("sent")))
     return _checked(message, peer)
+
+
+def _sent(value: Any) -> float | None:
+    """A send time as a float; None for anything else (a bool is not one)."""
+    return float(value) if type(value) in (float, int) else None
 
 
 def _checked(message: Any, peer: str | None) -> DbUpdate:
@@ -110,6 +124,7 @@ def _checked(message: Any, peer: str | None) -> DbUpdate:
         _text(message, "topic", peer),
         publisher=_text(message, "publisher", peer),
         seq=seq,
+        sent=_sent(message.get("sent")),
     )
     if table is None and action not in CONTROL_ACTIONS:
         what = "a row action" if action in ROW_ACTIONS else "an unknown action"

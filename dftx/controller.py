@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+from prometheus_client import Histogram
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
@@ -52,7 +53,7 @@ from dftx.config_values import check_tenant_topic
 from dftx.deferreds import deferred
 from dftx.errors import DftxError
 from dftx.ha import HA_TOPIC, topology_from_update
-from dftx.http import Metric
+from dftx.http import LATENCY_BUCKETS, counter, gauge
 from dftx.nb import NbApi
 from dftx.service import RoleService
 from dftx.update import DBRESTART, LOCAL_CONTROLLER, PORT_STATUS_TABLE, DbUpdate
@@ -76,6 +77,10 @@ class ControllerService(RoleService):
     @ivar counters: updates, port_status_writes, port_status_errors,
         chassis_writes, chassis_errors, ha_topologies (the mirror has its
         own).
+    @ivar nb_write_seconds: histogram of its own rows' writes through
+        L{NbApi}, from the database write to the publish acknowledged.
+    @ivar nb_publish_seconds: histogram of the same, from the database
+        write acknowledged to the publish acknowledged.
     """
 
     name = "dfcontroller"
@@ -90,6 +95,13 @@ class ControllerService(RoleService):
         self.nb: NbApi | None = None
         self.monitor: Any = None
         self.root.v1.putChild(b"ports", http.JsonLeaf(self.online_ports))
+        self.nb_write_seconds = Histogram(
+            "dftx_nb_write_seconds", "This node's own rows (port_status, chassis) written "
+            "through NbApi: from the NB DB write to the publish acknowledged.",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.nb_publish_seconds = Histogram(
+            "dftx_nb_publish_seconds", "The same writes, from the NB DB write acknowledged to "
+            "the publish acknowledged.", buckets=LATENCY_BUCKETS, registry=self.registry)
         self._sync_loop: task.LoopingCall | None = None
         # This node's own rows waiting to be written: (table, key) -> value.
         self._own_writes: dict[tuple[str, str], str] = {}
@@ -156,7 +168,8 @@ class ControllerService(RoleService):
 
     async def _bound(self) -> None:
         """Write this node's chassis row through its own publisher."""
-        self.nb = NbApi(self.db, self.publisher)
+        self.nb = NbApi(self.db, self.publisher, on_written=self._nb_written,
+                        clock=self.reactor)
         await self.nb.create(CHASSIS_TABLE, self.chassis, self._chassis_row())
 
     async def _loaded(self) -> None:
@@ -299,32 +312,32 @@ class ControllerService(RoleService):
     def _counters(self) -> dict[str, int]:
         return {**super()._counters(), **self.mirror.counters}
 
-    def metrics(self) -> list[Metric]:
+    def _nb_written(self, seconds: float, publish_seconds: float) -> None:
+        self.nb_write_seconds.observe(seconds)
+        self.nb_publish_seconds.observe(publish_seconds)
+
+    def metrics(self) -> list[Any]:
         sub = self.subscriber.counters if self.subscriber else {}
-        rows = Metric("dftx_cache_rows", "gauge", "Rows in the local cache, by table.")
-        for table in sorted(self.cache.tables):
-            rows.add(len(self.cache.rows(table)), table=table)
-        subscriber = Metric("dftx_subscriber_messages_total", "counter",
-                            "Messages the subscriber received, by outcome.")
-        for outcome in ("delivered", "filtered", "undecodable", "duplicates", "gaps",
-                        "restarts", "callback_errors"):
-            subscriber.add(sub.get(outcome, 0), outcome=outcome)
+        outcomes = ("delivered", "filtered", "undecodable", "duplicates", "gaps", "restarts",
+                    "callback_errors")
         return [
             *super().metrics(),
-            rows,
-            subscriber,
-            Metric("dftx_resyncs_total", "counter", "Resyncs with the NB DB, by result.")
-            .add(self.mirror.counters["resyncs"], result="ok")
-            .add(self.mirror.counters["resync_errors"], result="error"),
-            Metric("dftx_cache_changes_total", "counter",
-                   "Changes made to the cache (updates and resyncs).").add(
-                self.mirror.counters["changes"]),
-            Metric("dftx_ports_online", "gauge", "Ports the OVSDB monitor reports online.").add(
-                len(self.ports)),
-            Metric("dftx_port_status_writes_total", "counter",
-                   "port_status rows written, by result.")
-            .add(self.counters["port_status_writes"], result="ok")
-            .add(self.counters["port_status_errors"], result="error"),
+            gauge("dftx_cache_rows", "Rows in the local cache, by table.",
+                  by=("table", {t: len(self.cache.rows(t)) for t in sorted(self.cache.tables)})),
+            counter("dftx_subscriber_messages_total",
+                    "Messages the subscriber received, by outcome.",
+                    by=("outcome", {o: sub.get(o, 0) for o in outcomes})),
+            counter("dftx_resyncs_total", "Resyncs with the NB DB, by result.",
+                    by=("result", {"ok": self.mirror.counters["resyncs"],
+                                   "error": self.mirror.counters["resync_errors"]})),
+            counter("dftx_cache_changes_total",
+                    "Changes made to the cache (updates and resyncs).",
+                    self.mirror.counters["changes"]),
+            gauge("dftx_ports_online", "Ports the OVSDB monitor reports online.",
+                  len(self.ports)),
+            counter("dftx_port_status_writes_total", "port_status rows written, by result.",
+                    by=("result", {"ok": self.counters["port_status_writes"],
+                                   "error": self.counters["port_status_errors"]})),
         ]
 
 

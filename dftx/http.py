@@ -3,54 +3,55 @@ The status and metrics HTTP resource both services serve on C{http_endpoint}:
 
 - C{GET /healthz}: C{200 ok} once the service is ready (subscribed, initial
   load done), C{503} with the reason before.
-- C{GET /metrics}: Prometheus text format (version 0.0.4).
+- C{GET /metrics}: the Prometheus exposition of the service's
+  C{prometheus_client} registry (text 0.0.4, or OpenMetrics when the
+  scraper's C{Accept} asks for it).
 - C{GET /v1/status}: JSON; what the service says about itself (role,
-  publisher id, cluster topology, subscriptions, counters).
+  version, publisher id, cluster topology, subscriptions, counters).
 
 A service provides an L{IStatusSource}; L{StatusRoot} renders it, and more
 resources hang under C{/v1} with C{root.v1.putChild(b"tables", resource)}.
+Each service has a registry of its own (L{registry_for}), never
+C{prometheus_client}'s global one, so services sharing a process (tests, an
+embedding application) do not mix their metrics.  Its current values are
+collected at each scrape (L{IStatusSource.metrics}); its histograms are
+C{prometheus_client.Histogram}s on the same registry.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort
 from twisted.web import resource, server
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 __all__ = [
-    "IStatusSource", "JsonLeaf", "Metric", "StatusRoot", "Tables", "json_body", "listen",
-    "render_metrics",
+    "IStatusSource", "JsonLeaf", "LATENCY_BUCKETS", "StatusRoot", "Tables", "counter", "gauge",
+    "json_body", "listen", "registry_for",
 ]
 
 JSON = b"application/json"
-PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 
-
-@dataclass
-class Metric:
-    """
-    One Prometheus metric family: C{kind} is C{"counter"} or C{"gauge"};
-    C{samples} are (labels, value) pairs.
-    """
-
-    name: str
-    kind: str
-    help: str
-    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
-
-    def add(self, value: float, **labels: str) -> Metric:
-        self.samples.append((labels, value))
-        return self
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0, 60.0)
+"""Histogram buckets (seconds) of the services' latencies: from a loopback
+round trip to a resync of a large table during a failover."""
 
 
 class IStatusSource(Interface):
     """What a service tells the HTTP resource."""
+
+    registry = Attribute("Its prometheus_client CollectorRegistry (GET /metrics).")
 
     def ready():
         """@return: None when ready, otherwise text saying what is missing."""
@@ -59,41 +60,62 @@ class IStatusSource(Interface):
         """@return: a JSON-ready dict (GET /v1/status)."""
 
     def metrics():
-        """@return: an iterable of L{Metric}."""
+        """@return: an iterable of prometheus_client metric families, the
+        service's current values (collected at each scrape)."""
 
 
-def render_metrics(metrics: Iterable[Metric]) -> bytes:
-    """The Prometheus text exposition of C{metrics}."""
-    lines = []
-    for m in metrics:
-        lines.append(f"# HELP {m.name} {_escape_help(m.help)}")
-        lines.append(f"# TYPE {m.name} {m.kind}")
-        for labels, value in m.samples:
-            label_text = ",".join(f'{k}="{_escape_label(str(v))}"'
-                                  for k, v in sorted(labels.items()))
-            name = f"{m.name}{{{label_text}}}" if label_text else m.name
-            lines.append(f"{name} {_number(value)}")
-    return ("\n".join(lines) + "\n").encode("utf-8")
+def _family(kind: type, name: str, help: str, value: float | None,
+            by: tuple[str, Mapping[str, float]] | None) -> Metric:
+    if by is None:
+        return kind(name, help, value=0 if value is None else value)
+    label, values = by
+    family = kind(name, help, labels=[label])
+    for label_value, v in values.items():
+        family.add_metric([label_value], v)
+    return family
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+def counter(name: str, help: str, value: float | None = None,
+            by: tuple[str, Mapping[str, float]] | None = None) -> Metric:
+    """
+    A counter family: C{value}, or one sample per item of C{by}, a label
+    name and a mapping label value -> value.  C{name} ends in C{_total}.
+    """
+    return _family(CounterMetricFamily, name, help, value, by)
 
 
-def _escape_label(text: str) -> str:
-    return _escape_help(text).replace('"', '\\"')
+def gauge(name: str, help: str, value: float | None = None,
+          by: tuple[str, Mapping[str, float]] | None = None) -> Metric:
+    """A gauge family, as L{counter}."""
+    return _family(GaugeMetricFamily, name, help, value, by)
 
 
-def _number(value: float) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+class _Current(Collector):
+    """Collects what C{source.metrics()} says at each scrape."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def collect(self) -> Iterable[Metric]:
+        return self.source.metrics()
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # values change at run time: nothing to check at register
+
+
+def registry_for(source: Any) -> CollectorRegistry:
+    """
+    A new registry for the service C{source}: its L{IStatusSource.metrics},
+    and the process (C{process_*}: CPU, memory, open files), Python
+    (C{python_info}) and garbage collector (C{python_gc_*}) metrics a
+    default C{prometheus_client} registry has.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Current(source))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
 def json_body(request: server.Request, data: Any, code: int = 200) -> bytes:
@@ -123,8 +145,10 @@ class Health(_Leaf):
 
 class Metrics(_Leaf):
     def render_GET(self, request: server.Request) -> bytes:
-        request.setHeader(b"content-type", PROMETHEUS)
-        return render_metrics(self.source.metrics())
+        accept = request.getHeader(b"accept")
+        encode, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        request.setHeader(b"content-type", content_type.encode("latin-1"))
+        return encode(self.source.registry)
 
 
 class Status(_Leaf):

@@ -29,14 +29,19 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from dftx.deferreds import Joined, deferred
+from dftx.deferreds import Joined, deferred, or_global_reactor
 from dftx.update import CREATE, DBRESTART, DELETE, SEND_ALL_TOPIC, SET, DbUpdate
 
-__all__ = ["NbApi", "RestartHook"]
+__all__ = ["NbApi", "RestartHook", "WriteTimer"]
 
 RestartHook = Callable[[], Awaitable[Any] | Any]
+WriteTimer = Callable[[float, float], object]
+"""Called after each write that was published, with the seconds from the
+start of the database write to the publish being acknowledged, and from the
+database write being acknowledged to the same (metrics)."""
 
 
 class NbApi:
@@ -45,14 +50,20 @@ class NbApi:
     @param publisher: an L{dftx.pubsub.api.IPublisher}, initialized.
     @param on_db_restart: called by L{db_restart} with no argument; may
         return a Deferred or be a coroutine function.
+    @param on_written: a L{WriteTimer}, timed with C{clock} (the global
+        reactor when omitted), or None.
     """
 
     log = Logger()
 
-    def __init__(self, db: Any, publisher: Any, on_db_restart: RestartHook | None = None) -> None:
+    def __init__(self, db: Any, publisher: Any, on_db_restart: RestartHook | None = None,
+                 *, on_written: WriteTimer | None = None,
+                 clock: IReactorTime | None = None) -> None:
         self.db = db
         self.publisher = publisher
         self.on_db_restart = on_db_restart
+        self.on_written = on_written
+        self.clock = None if on_written is None else or_global_reactor(clock)
         self._restart = Joined(self._db_restart)
 
     @deferred
@@ -102,7 +113,10 @@ class NbApi:
 
     async def _write(self, action: str, table: str, key: str, value: str | None,
                      topic: str | None, write: Callable, undo: Callable) -> None:
+        clock, timer = self.clock, self.on_written
+        started = clock.seconds() if clock is not None else 0.0
         await write()
+        written = clock.seconds() if clock is not None else 0.0
         try:
             await self.publisher.send_event(DbUpdate(table, key, action, value, topic))
         except Exception as e:
@@ -114,6 +128,9 @@ class NbApi:
                     "database write failed too: the NB DB and subscribers disagree "
                     "until the next resync", action=action, table=table, key=key)
             raise e
+        if clock is not None and timer is not None:
+            now = clock.seconds()
+            timer(now - started, now - written)
 
     def get(self, table: str, key: str, topic: str | None = None) -> defer.Deferred[str]:
         """@return: Deferred firing with the value (see C{get_key})."""

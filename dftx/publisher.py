@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from dftx import config as dfconfig
 from dftx import runner
 from dftx.ha import ClusterWatcher
-from dftx.http import Metric
+from dftx.http import counter, gauge
 from dftx.nb import NbApi
 from dftx.pubsub.zmq import ZmqPublisher
 from dftx.pubsub.zmq_relay import ZmqRelay
@@ -134,29 +134,29 @@ class PublisherService(RoleService):
         counters.update({f"port_status_{k}": v for k, v in self.port_status.counters.items()})
         return counters
 
-    def metrics(self) -> list[Metric]:
+    def metrics(self) -> list[Any]:
         relay = self.relay.counters if self.relay else {}
         reg = self.registration
         return [
             *super().metrics(),
-            Metric("dftx_relay_messages_total", "counter",
-                   "Messages the relay received over ipc, by outcome.")
-            .add(relay.get("relayed", 0), result="relayed")
-            .add(relay.get("malformed", 0), result="malformed")
-            .add(relay.get("publish_errors", 0), result="publish_error"),
-            Metric("dftx_publisher_queued_messages", "gauge",
-                   "Messages waiting in the PUB socket's local queue.").add(
-                getattr(self.publisher, "queued", 0)),
-            Metric("dftx_ha_topologies_published_total", "counter",
-                   "Redis topologies the HA watcher published.").add(
-                self.watcher.counters["published"] if self.watcher else 0),
-            Metric("dftx_port_status_rows", "gauge",
-                   "Rows of table port_status mirrored here.").add(len(self.port_status.cache)),
-            Metric("dftx_registry_refreshes_total", "counter",
-                   "Refreshes of this publisher's row.").add(reg.refreshes if reg else 0),
-            Metric("dftx_registry_stale_removed_total", "counter",
-                   "Stale publisher rows this service deleted.").add(
-                len(reg.removed) if reg else 0),
+            counter("dftx_relay_messages_total",
+                    "Messages the relay received over ipc, by outcome.",
+                    by=("result", {"relayed": relay.get("relayed", 0),
+                                   "malformed": relay.get("malformed", 0),
+                                   "publish_error": relay.get("publish_errors", 0)})),
+            gauge("dftx_publisher_queued_messages",
+                  "Messages waiting in the PUB socket's local queue.",
+                  getattr(self.publisher, "queued", 0)),
+            counter("dftx_ha_topologies_published_total",
+                    "Redis topologies the HA watcher published.",
+                    self.watcher.counters["published"] if self.watcher else 0),
+            gauge("dftx_port_status_rows", "Rows of table port_status mirrored here.",
+                  len(self.port_status.cache)),
+            counter("dftx_registry_refreshes_total", "Refreshes of this publisher's row.",
+                    reg.refreshes if reg else 0),
+            counter("dftx_registry_stale_removed_total",
+                    "Stale publisher rows this service deleted.",
+                    len(reg.removed) if reg else 0),
         ]
 
 

@@ -18,15 +18,34 @@ from dftx import config as dfconfig
 from dftx.errors import ConfigError
 from dftx.service import RoleService
 
-__all__ = ["Options", "make_service"]
+__all__ = ["CONFIG_REFERENCE", "Options", "build", "make_service"]
+
+CONFIG_REFERENCE = "doc/operator.md#configuration-reference"
+"""Where every configuration key is described (the operator guide)."""
 
 
 class Options(usage.Options):
-    optParameters = [["config", "c", None, "The INI file (see doc/design.md)."]]
+    optParameters = [["config", "c", None,
+                      f"The INI file; its sections and keys: {CONFIG_REFERENCE}."]]
+    longdesc = (f"{CONFIG_REFERENCE} (the operator guide's configuration reference) lists "
+                f"every key of the configuration file, with its type and default.  "
+                f"`dftx check-config FILE --role dfpublisher|dfcontroller` checks a file "
+                f"as the service does at start, without starting it.")
 
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
+
+
+def build(path: str, factory: type[RoleService], reactor: Any) -> RoleService:
+    """
+    The service C{factory} (a L{RoleService} class) for the configuration
+    file C{path}, loaded for its role, built with C{reactor} and not
+    started: what twistd runs, and what C{dftx check-config} checks.
+
+    @raise ConfigError: naming the file, section and key.
+    """
+    return factory(dfconfig.load(path, factory.role), reactor=reactor)
 
 
 def make_service(options: Options, reactor: Any, factory: type[RoleService]) -> RoleService:
@@ -37,10 +56,9 @@ def make_service(options: Options, reactor: Any, factory: type[RoleService]) -> 
     service's L{RoleService.exit_code}.
     """
     try:
-        cfg = dfconfig.load(options["config"], factory.role)
+        svc = build(options["config"], factory, reactor)
     except ConfigError as e:
         raise SystemExit(f"{factory.name}: bad configuration: {e}") from None
-    svc = factory(cfg, reactor=reactor)
     reactor.addSystemEventTrigger("after", "shutdown", _exit_if_failed, svc)
     return svc
 

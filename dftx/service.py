@@ -20,6 +20,12 @@ section ([df_local_controller] or [neutron_server]):
 
 Until the last step is done, C{/healthz} says which one is missing.  They
 stop in the reverse order, their own things first.
+
+Both have a C{prometheus_client} registry of their own (L{RoleService.registry}):
+C{dftx_ready}, C{dftx_build_info}, the delivery lag of the updates they
+receive (C{dftx_delivery_lag_seconds}, from the send time the publisher
+stamped), the duration of their mirror's resyncs (C{dftx_resync_seconds}),
+the process metrics and each service's own.
 """
 
 from __future__ import annotations
@@ -27,17 +33,18 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable
 
+from prometheus_client import Histogram
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dftx import __version__, http, pubsub
 from dftx import config as dfconfig
-from dftx import http, pubsub
 from dftx.cache import Mirror
 from dftx.deferreds import deferred, or_global_reactor
 from dftx.db import from_config as db_from_config
-from dftx.http import IStatusSource, Metric
+from dftx.http import LATENCY_BUCKETS, IStatusSource, gauge
 from dftx.registry import PUBLISHER_TABLE, Discovery, Registration
 from dftx.update import DbUpdate
 
@@ -93,6 +100,7 @@ class RoleService(service.Service):
 
     @ivar mirror: the L{Mirror} its subscriber keeps up to date.
     @ivar counters: the service's own counters (in C{/v1/status}).
+    @ivar registry: its C{prometheus_client} registry (C{/metrics}).
     @ivar root: its HTTP resource; C{/v1/tables/<table>} serves the mirror.
     """
 
@@ -112,7 +120,17 @@ class RoleService(service.Service):
         self.exit_code = 0
         self.missing: str | None = "starting"
         self.db = db_from_config(config, self.reactor)
-        self.mirror = Mirror(self.db, tables, topics, reactor)
+        self.registry = http.registry_for(self)
+        self.delivery_lag = Histogram(
+            "dftx_delivery_lag_seconds", "From the publisher's send time (its clock) to the "
+            "update's arrival here, for updates that carry one.", buckets=LATENCY_BUCKETS,
+            registry=self.registry)
+        self.resync_seconds = Histogram(
+            "dftx_resync_seconds", "Resyncs of the local mirror with the NB DB, by result.",
+            ["result"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        for result in ("ok", "error"):
+            self.resync_seconds.labels(result)
+        self.mirror = Mirror(self.db, tables, topics, reactor, on_resync=self._resynced)
         self.counters: Counter[str] = Counter()
         self.publisher: Any = None
         self.subscriber: Any = None
@@ -152,7 +170,7 @@ class RoleService(service.Service):
         self.subscriber = pubsub.from_config(cfg, reactor=self.reactor).get_subscriber()
         for topic in sorted(self.mirror.topics | self.extra_topics):
             await self.subscriber.register_topic(topic)
-        await self.subscriber.initialize(self._received)
+        await self.subscriber.initialize(self._delivered)
         if pubsub.needs_discovery(cfg):
             self.discovery = Discovery(self.db, self.subscriber, self.role,
                                        cfg.df.publisher_timeout, clock=self.reactor)
@@ -200,8 +218,17 @@ class RoleService(service.Service):
     async def _stopping(self) -> None:
         """The service's own step when it stops (the first)."""
 
+    def _delivered(self, update: DbUpdate) -> None:
+        """What the subscriber delivers: its lag observed, then L{_received}."""
+        if update.sent is not None:
+            self.delivery_lag.observe(max(0.0, self.reactor.seconds() - update.sent))
+        self._received(update)
+
+    def _resynced(self, seconds: float, ok: bool) -> None:
+        self.resync_seconds.labels("ok" if ok else "error").observe(seconds)
+
     def _received(self, update: DbUpdate) -> None:
-        """What the subscriber delivers: to discovery (control events and
+        """An update: to discovery (control events and
         table C{publisher}), then to the mirror."""
         if self.discovery is not None and (update.is_control or update.table == PUBLISHER_TABLE):
             self.discovery.observe(update)
@@ -214,12 +241,14 @@ class RoleService(service.Service):
         return self.missing
 
     def status(self) -> dict[str, Any]:
-        """C{GET /v1/status}: role, readiness, its registration, CURVE, the
-        cluster topology, subscriptions, counters (L{_counters})."""
+        """C{GET /v1/status}: role, dftx's version, readiness, its
+        registration, CURVE, the cluster topology, subscriptions, counters
+        (L{_counters})."""
         topology = getattr(getattr(self.db, "client", None), "topology", None)
         reg, sub = self.registration, self.subscriber
         return {
             "role": self.role,
+            "version": __version__,
             "ready": self.missing is None,
             "not_ready": self.missing,
             "publisher": None if reg is None else {"id": reg.id, "uri": reg.uri},
@@ -237,7 +266,12 @@ class RoleService(service.Service):
         sub = self.subscriber.counters if self.subscriber is not None else {}
         return {**self.counters, **{f"subscriber_{k}": v for k, v in sub.items()}}
 
-    def metrics(self) -> list[Metric]:
-        """C{GET /metrics}: C{dftx_ready}."""
-        return [Metric("dftx_ready", "gauge", "1 once the service is ready.").add(
-            int(self.missing is None), role=self.role)]
+    def metrics(self) -> list[Any]:
+        """The current values in C{GET /metrics}: C{dftx_ready},
+        C{dftx_build_info}."""
+        return [
+            gauge("dftx_ready", "1 once the service is ready.",
+                  by=("role", {self.role: int(self.missing is None)})),
+            gauge("dftx_build_info", "dftx's version, as a label; the value is 1.",
+                  by=("version", {__version__: 1})),
+        ]

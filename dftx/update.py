@@ -51,7 +51,10 @@ class DbUpdate:
     A row update's C{topic} defaults to L{SEND_ALL_TOPIC}; a control event's
     stays None ("all topics") unless given.  C{timestamp} (seconds since the
     epoch) defaults to now.  C{publisher} and C{seq} are set on updates that
-    arrived from a publisher that stamps them (see L{dftx.codec}).
+    arrived from a publisher that stamps them, and C{sent} (seconds since
+    the epoch, the publisher's clock) on those from a publisher that stamps
+    its send time (see L{dftx.codec}); like the timestamp, it does not count
+    in equality.
 
     Two updates are equal when their row fields, publisher and seq are;
     the timestamp is local and does not count.  Updates that are not equal
@@ -62,7 +65,8 @@ class DbUpdate:
     sorting a list of distinct updates needs.
     """
 
-    __slots__ = ("table", "key", "action", "value", "topic", "timestamp", "publisher", "seq")
+    __slots__ = ("table", "key", "action", "value", "topic", "timestamp", "publisher", "seq",
+                 "sent")
 
     def __init__(
         self,
@@ -74,6 +78,7 @@ class DbUpdate:
         timestamp: float | None = None,
         publisher: str | None = None,
         seq: int | None = None,
+        sent: float | None = None,
     ) -> None:
         self.table = table
         self.key = key
@@ -83,6 +88,7 @@ class DbUpdate:
         self.timestamp = time.time() if timestamp is None else timestamp
         self.publisher = publisher
         self.seq = seq
+        self.sent = sent
 
     @classmethod
     def control(cls, action: str, topic: str | None = None) -> DbUpdate:

@@ -4,15 +4,16 @@ PubSubApi, PublisherApi and SubscriberApi, on Deferreds), and the shared
 halves of publishers and subscribers that drivers build on.
 
 A driver moves opaque bytes on a topic; everything that makes those bytes
-an NB update stream lives here, once: encoding with the publisher's id and a
-per-topic sequence number (L{PublisherBase}), and on the other side decoding,
-exact topic filtering, sequence tracking that turns a gap into a C{sync}
-control event, counters, and a callback whose exceptions never stop the
-stream (L{SubscriberBase}).
+an NB update stream lives here, once: encoding with the publisher's id, a
+per-topic sequence number and the send time (L{PublisherBase}), and on the
+other side decoding, exact topic filtering, sequence tracking that turns a
+gap into a C{sync} control event, counters, and a callback whose exceptions
+never stop the stream (L{SubscriberBase}).
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from typing import Callable
@@ -126,8 +127,9 @@ class ISubscriber(Interface):
 class PublisherBase:
     """
     The driver-independent half of a publisher: stamps each message with
-    this publisher's id and the next sequence number of its topic, and turns
-    any failure of the driver's L{_send} into L{PublishError}.
+    this publisher's id, the next sequence number of its topic and the time
+    it was sent (the host's wall clock), and turns any failure of the
+    driver's L{_send} into L{PublishError}.
 
     Subclasses implement C{initialize}, C{close} and C{_send(topic, data)},
     which returns a Deferred and must keep call order per topic.
@@ -143,7 +145,9 @@ class PublisherBase:
         topic = topic or update.topic or SEND_ALL_TOPIC
         self._seq[topic] += 1
         try:
-            data = encode(update, publisher=self.id, seq=self._seq[topic], topic=topic)
+            # sent: wall-clock time, compared with the receiver's (delivery lag)
+            data = encode(update, publisher=self.id, seq=self._seq[topic], topic=topic,
+                          sent=time.time())
             d = self._send(topic, data)
         except Exception as e:
             return defer.fail(_publish_error(topic, e))
