@@ -107,3 +107,107 @@ async def test_topology_with_the_memory_driver_is_one_line_and_status_1(tmp_path
     code, out, err = await dftx("--config", str(config), "topology")
     assert (code, out) == (1, "")
     assert err.startswith("dftx topology: ") and err.count("\n") == 1 and "redis" in err
+
+
+def test_version_is_dftx_s_version(capsys):
+    import pytest
+
+    from dftx import __version__
+    from dftx.cli import parser
+
+    with pytest.raises(SystemExit) as exit:
+        parser().parse_args(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"dftx {__version__}\n"
+
+
+def _listener():
+    """A TCP socket listening on a free loopback port, accepting nothing:
+    a connection attempt to it stays in its backlog."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    return sock
+
+
+def _connected(sock) -> bool:
+    try:
+        sock.accept()[0].close()
+    except BlockingIOError:
+        return False
+    return True
+
+
+@aio
+async def test_check_config_loads_as_the_service_does_and_connects_to_nothing(tmp_path):
+    """dftx check-config FILE [--role R]: "ok" and status 0, or the service's
+    own one-line error and status 1; the NB DB it names is never reached and
+    the HTTP endpoint it names never bound."""
+    db, http = _listener(), _listener()
+    db_port, http_port = db.getsockname()[1], http.getsockname()[1]
+    try:
+        good = tmp_path / "good.ini"
+        good.write_text(f"[df]\nremote_db_hosts = 127.0.0.1:{db_port}\n"
+                        f"[neutron_server]\nhttp_endpoint = tcp:{http_port}:interface=127.0.0.1\n"
+                        "[df_local_controller]\nchassis_name = compute1\n")
+        for role in (None, "dfpublisher", "neutron_server", "dfcontroller",
+                     "df_local_controller"):
+            argv = ["check-config", str(good)] + (["--role", role] if role else [])
+            assert await dftx(*argv) == (0, "ok\n", ""), role
+        # The process the operator runs: connects to nothing, says ok.
+        out = await run_process([sys.executable, "-m", "dftx", "check-config", str(good),
+                                 "--role", "dfcontroller"])
+        assert out == "ok\n"
+        assert not _connected(db)
+    finally:
+        db.close()
+        http.close()
+
+    # The error the service itself would give at start, on one line.
+    from twisted.internet.testing import MemoryReactorClock
+
+    from dftx import publisher, runner
+
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[df]\nremote_db_hosts = 127.0.0.1:7000\n[neutron_server]\n"
+                   "publisher_port = 99999\n")
+    options = runner.Options()
+    options.parseOptions(["--config", str(bad)])
+    try:
+        publisher.makeService(options, MemoryReactorClock())
+    except SystemExit as e:
+        service_error = str(e).removeprefix("dfpublisher: bad configuration: ")
+    for argv in (["check-config", str(bad)], ["check-config", str(bad), "--role", "dfpublisher"]):
+        code, out, err = await dftx(*argv)
+        assert (code, out) == (1, "")
+        assert err == f"dftx check-config: {service_error}\n"
+        assert "[neutron_server] publisher_port: 99999 is out of range" in err
+    # A role's required key: only checked for that role.
+    only_df = tmp_path / "df.ini"
+    only_df.write_text("[df]\nnb_db_driver = memory\n")
+    assert (await dftx("check-config", str(only_df), "--role", "dfpublisher"))[0] == 0
+    code, _, err = await dftx("check-config", str(only_df), "--role", "dfcontroller")
+    assert code == 1 and "[df_local_controller] chassis_name" in err and err.count("\n") == 1
+    code, _, err = await dftx("check-config", str(tmp_path / "missing.ini"))
+    assert code == 1 and "missing.ini: cannot read" in err
+
+
+def test_twistd_help_points_at_the_configuration_reference():
+    """twistd dfcontroller --help / dfpublisher --help: the configuration
+    reference of the operator guide, and the anchor exists there."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for plugin in ("dfcontroller", "dfpublisher"):
+        out = subprocess.run([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                              plugin, "--help"], capture_output=True, text=True, timeout=60,
+                             cwd=root, check=True).stdout
+        assert "doc/operator.md#configuration-reference" in out, out
+        assert "design.md" not in out and "dftx check-config" in out
+    guide = (root / "doc" / "operator.md").read_text()
+    assert re.search(r"^## Configuration reference$", guide, re.M)

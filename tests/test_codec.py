@@ -73,6 +73,17 @@ def test_stamps_publisher_seq_and_topic_without_changing_the_update():
     assert (u.publisher, u.seq, u.topic) == (None, None, "D")
 
 
+def test_send_time_is_stamped_optional_and_never_a_reason_to_drop():
+    u = DbUpdate("lport", "k", "create", "{}")
+    assert decode(encode(u, sent=1700000000.25)).sent == 1700000000.25
+    assert decode(encode(u)).sent is None
+    fields = {"table": "t", "key": "k", "action": "set", "value": "v", "topic": "D"}
+    for sent, expected in ((12, 12.0), ("soon", None), (True, None), (None, None)):
+        for table in ("t", b"t"):  # the fast path and the fully checked one
+            data = msgpack.packb({**fields, "table": table, "sent": sent})
+            assert decode(data).sent == expected and decode(data).value == "v"
+
+
 def test_decodes_what_dragonflow_sends():
     # Dragonflow's pack_message: msgpack.packb(update.to_dict(), use_bin_type=True)
     sent = {"table": "lport", "key": "port1", "action": "create",

@@ -5,7 +5,9 @@ with writer processes pushing over ipc and subscribers in this process.
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -318,49 +320,37 @@ async def _gone(db, id) -> bool:
     return id not in await db.get_all_keys(PUBLISHER_TABLE)
 
 
-def test_prometheus_text_escapes_help_and_labels():
-    from dftx.http import Metric, render_metrics
-
-    text = render_metrics([
-        Metric("dftx_x_total", "counter", 'a "b"\\c\nd').add(3, peer='tcp://"x"\n')
-        .add(1.5),
-        Metric("dftx_up", "gauge", "up").add(True).add(float("nan"), k="v"),
-    ]).decode()
-    assert text == (
-        '# HELP dftx_x_total a "b"\\\\c\\nd\n'
-        "# TYPE dftx_x_total counter\n"
-        'dftx_x_total{peer="tcp://\\"x\\"\\n"} 3\n'
-        "dftx_x_total 1.5\n"
-        "# HELP dftx_up up\n"
-        "# TYPE dftx_up gauge\n"
-        "dftx_up 1\n"
-        'dftx_up{k="v"} NaN\n')
-
-
 def test_both_services_report_the_shared_status_and_their_own(tmp_path):
     """Built (not started) from a memory configuration by the twistd entry
     point, with the reactor it is given: what /v1/status and /metrics show
     before start (the keys doc/publisher.md and doc/controller.md list)."""
+    from prometheus_client import REGISTRY, generate_latest
     from twisted.internet.testing import MemoryReactorClock
     from zope.interface.verify import verifyObject
 
-    from dftx import controller, publisher, runner
+    from dftx import __version__, controller, publisher, runner
     from dftx.http import IStatusSource
 
     path = tmp_path / "dftx.ini"
     path.write_text("[df]\nnb_db_driver = memory\n[df_local_controller]\nchassis_name = c1\n")
     options = runner.Options()
     options.parseOptions(["--config", str(path)])
-    shared = {"role", "ready", "not_ready", "publisher", "curve", "cluster", "subscriptions",
-              "counters"}
+    shared = {"role", "version", "ready", "not_ready", "publisher", "curve", "cluster",
+              "subscriptions", "counters"}
+    shared_metrics = [("dftx_ready", "gauge"), ("dftx_build_info", "gauge")]
+    histograms = [("dftx_delivery_lag_seconds", "histogram"), ("dftx_resync_seconds", "histogram")]
     for module, own, metrics in (
         (publisher, {"relay", "port_status_rows"},
-         ["dftx_relay_messages_total", "dftx_publisher_queued_messages",
-          "dftx_ha_topologies_published_total", "dftx_port_status_rows",
-          "dftx_registry_refreshes_total", "dftx_registry_stale_removed_total"]),
+         [("dftx_relay_messages_total", "counter"), ("dftx_publisher_queued_messages", "gauge"),
+          ("dftx_ha_topologies_published_total", "counter"), ("dftx_port_status_rows", "gauge"),
+          ("dftx_registry_refreshes_total", "counter"),
+          ("dftx_registry_stale_removed_total", "counter"), *histograms]),
         (controller, {"chassis", "cache", "ports_online"},
-         ["dftx_cache_rows", "dftx_subscriber_messages_total", "dftx_resyncs_total",
-          "dftx_cache_changes_total", "dftx_ports_online", "dftx_port_status_writes_total"]),
+         [("dftx_cache_rows", "gauge"), ("dftx_subscriber_messages_total", "counter"),
+          ("dftx_resyncs_total", "counter"), ("dftx_cache_changes_total", "counter"),
+          ("dftx_ports_online", "gauge"), ("dftx_port_status_writes_total", "counter"),
+          *histograms, ("dftx_nb_write_seconds", "histogram"),
+          ("dftx_nb_publish_seconds", "histogram")]),
     ):
         reactor = MemoryReactorClock()
         svc = module.makeService(options, reactor)
@@ -369,8 +359,123 @@ def test_both_services_report_the_shared_status_and_their_own(tmp_path):
         status = svc.status()
         assert set(status) == shared | own
         assert status["role"] == svc.role and status["not_ready"] == "starting"
-        assert [m.name for m in svc.metrics()] == ["dftx_ready", *metrics]
+        assert status["version"] == __version__
+        text = generate_latest(svc.registry).decode()
+        assert _types(text, "dftx_") == [*shared_metrics, *metrics]
+        assert f'dftx_build_info{{version="{__version__}"}} 1.0' in text
+        assert f'dftx_ready{{role="{svc.role}"}} 0.0' in text
+        # The process metrics of a default prometheus_client registry.
+        assert {"process_cpu_seconds_total", "process_resident_memory_bytes",
+                "process_open_fds", "python_info",
+                "python_gc_collections_total"} <= {n for n, _ in _types(text, "p")}
+    # Nothing on prometheus_client's global registry: each service has its own.
+    assert not [m for m in REGISTRY.collect() if m.name.startswith("dftx")]
     (tmp_path / "bad.ini").write_text("[df]\nnb_db_driver = mysql\n")
     options.parseOptions(["--config", str(tmp_path / "bad.ini")])
     with pytest.raises(SystemExit, match="dfpublisher: bad configuration"):
         publisher.makeService(options, MemoryReactorClock())
+
+
+def _types(text: str, prefix: str) -> list[tuple[str, str]]:
+    """The (name, type) of each metric family in the exposition C{text}
+    whose name starts with C{prefix}, in order (without the C{_created}
+    gauges prometheus_client adds)."""
+    return [(n, t) for n, t in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M)
+            if n.startswith(prefix) and not n.endswith("_created")]
+
+
+async def _samples(svc, accept: str | None = None) -> dict[tuple, float]:
+    """The samples of C{svc}'s /metrics: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = await treq.get(svc.url("/metrics"), persistent=False,
+                              headers={"Accept": accept} if accept else None)
+    assert response.code == 200
+    text = (await response.content()).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest_twisted.ensureDeferred
+async def test_latency_histograms_of_a_deployment(tmp_path, redis_cluster, unique):
+    """In a deployment (dfpublisher, a controller with its ovsdb-server, an
+    NbApi writer through the relay): each histogram counts what happened,
+    and each service's /metrics shows only its own metrics."""
+    from dftx import __version__
+    from dftx.sandbox import Deployment
+
+    d = Deployment(tmp_path, redis_cluster, controllers=1)
+    await d.start()
+    try:
+        controller, ovsdb = d.controllers[0], d.ovsdbs[0]
+        lag = ("dftx_delivery_lag_seconds_count", ())
+        numbers = itertools.count()
+
+        async def write_until_observed(svc, write) -> None:
+            """Write again until C{svc} has observed one delivery lag (a
+            ZeroMQ subscriber may miss what is sent while it joins)."""
+            async def observed():
+                await write(next(numbers))
+                return (await _samples(svc))[lag] >= 1
+            await poll(observed, 30, "a delivery lag observed", interval=0.5)
+
+        # NB writes from NbApi through the relay, to the controller.
+        await write_until_observed(
+            controller, lambda n: d.nb.create("lport", f"{unique}-{n}", "{}"))
+        await d.wait_converged("lport")
+        # VM ports: the controller writes their port_status rows through its
+        # NbApi and publishes them, to dfpublisher.
+        await write_until_observed(d.publisher, lambda n: ovsdb.vsctl(
+            "add-port", "br-int", f"tap{n}", "--", "set", "Interface", f"tap{n}",
+            f"external_ids:iface-id={unique}-{n}"))
+        c = await _samples(controller)
+        p = await _samples(d.publisher)
+        # The initial load is a resync; none failed.
+        assert c[("dftx_resync_seconds_count", (("result", "ok"),))] >= 1
+        assert c[("dftx_resync_seconds_count", (("result", "error"),))] == 0
+        # Its own rows through NbApi: the chassis row and the port's row.
+        writes = c[("dftx_nb_write_seconds_count", ())]
+        assert writes >= 2 and c[("dftx_nb_publish_seconds_count", ())] == writes
+        assert c[("dftx_nb_publish_seconds_sum", ())] <= c[("dftx_nb_write_seconds_sum", ())]
+        assert p[("dftx_resync_seconds_count", (("result", "ok"),))] >= 1
+        for samples, role in ((c, "df_local_controller"), (p, "neutron_server")):
+            assert samples[("dftx_build_info", (("version", __version__),))] == 1
+            assert samples[("dftx_ready", (("role", role),))] == 1
+            assert samples[("process_cpu_seconds_total", ())] > 0
+        assert ("dftx_cache_rows", (("table", "lport"),)) in c
+        assert not [k for k in p if k[0].startswith(("dftx_cache", "dftx_nb_"))]
+        assert not [k for k in c if k[0].startswith(("dftx_relay", "dftx_registry"))]
+        # OpenMetrics when the scraper asks for it.
+        response = await treq.get(controller.url("/metrics"), persistent=False,
+                                  headers={"Accept": "application/openmetrics-text"})
+        assert response.headers.getRawHeaders("content-type")[0].startswith(
+            "application/openmetrics-text")
+        assert (await response.content()).endswith(b"# EOF\n")
+    finally:
+        await d.stop()
+
+
+def test_delivery_lag_needs_the_send_time_and_ignores_clock_skew(tmp_path):
+    """Updates without a send time (Dragonflow's, older dftx's) are not
+    observed; one sent "in the future" (the sender's clock ahead) counts as
+    no lag."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from dftx.publisher import PublisherService
+    from dftx.config import parse
+
+    reactor = MemoryReactorClock()
+    reactor.advance(1000.0)
+    svc = PublisherService(parse("[df]\nnb_db_driver = memory\n"), reactor)
+
+    def lag() -> tuple[float, float]:
+        return (svc.registry.get_sample_value("dftx_delivery_lag_seconds_count"),
+                svc.registry.get_sample_value("dftx_delivery_lag_seconds_sum"))
+
+    svc._delivered(DbUpdate("port_status", "p", "create", "{}"))
+    assert lag() == (0, 0)
+    svc._delivered(DbUpdate("port_status", "p", "create", "{}", sent=999.75))
+    svc._delivered(DbUpdate("port_status", "p", "create", "{}", sent=1002.0))
+    assert lag() == (2, 0.25)
+    assert svc.registry.get_sample_value(
+        "dftx_delivery_lag_seconds_bucket", {"le": "0.25"}) == 2
