@@ -479,3 +479,35 @@ def test_delivery_lag_needs_the_send_time_and_ignores_clock_skew(tmp_path):
     assert lag() == (2, 0.25)
     assert svc.registry.get_sample_value(
         "dftx_delivery_lag_seconds_bucket", {"le": "0.25"}) == 2
+
+
+def test_the_operator_guide_lists_every_metric_and_alerts_on_real_ones(tmp_path):
+    """doc/operator.md: its metrics table has every dftx_ metric the two
+    services export, and its scrape config and alert rules are YAML whose
+    expressions name only metrics that exist."""
+    import yaml
+    from prometheus_client import generate_latest
+    from twisted.internet.testing import MemoryReactorClock
+
+    from dftx.config import parse
+    from dftx.controller import ControllerService
+    from dftx.publisher import PublisherService
+
+    cfg = parse("[df]\nnb_db_driver = memory\n[df_local_controller]\nchassis_name = c1\n")
+    exported = set()
+    for factory in (PublisherService, ControllerService):
+        text = generate_latest(factory(cfg, MemoryReactorClock()).registry).decode()
+        exported |= {n for n, _ in _types(text, "dftx_")}
+    guide = (Path(__file__).resolve().parent.parent / "doc" / "operator.md").read_text()
+    listed = set(re.findall(r"^\| `(dftx_\w+)` \|", guide, re.M))
+    assert listed == exported
+    scrape, rules = [yaml.safe_load(block)
+                     for block in re.findall(r"```yaml\n(.*?)```", guide, re.S)]
+    assert [job["job_name"] for job in scrape["scrape_configs"]] == ["dfpublisher",
+                                                                    "dfcontroller"]
+    alerts = {r["alert"]: r["expr"] for group in rules["groups"] for r in group["rules"]}
+    assert {"DftxNotReady", "DftxSeqGapsRising", "DftxResyncErrors",
+            "DftxPublisherQueueGrowing", "DftxDeliveryLagHigh"} <= set(alerts)
+    for name, expr in alerts.items():
+        for metric in re.findall(r"\bdftx_\w+", expr):
+            assert re.sub(r"_(bucket|count|sum)$", "", metric) in exported, (name, metric)
