@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from prometheus_client import Histogram
+from prometheus_client import Histogram, Metric
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
@@ -316,7 +316,7 @@ class ControllerService(RoleService):
         self.nb_write_seconds.observe(seconds)
         self.nb_publish_seconds.observe(publish_seconds)
 
-    def metrics(self) -> list[Any]:
+    def metrics(self) -> list[Metric]:
         sub = self.subscriber.counters if self.subscriber else {}
         outcomes = ("delivered", "filtered", "undecodable", "duplicates", "gaps", "restarts",
                     "callback_errors")

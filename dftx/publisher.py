@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from prometheus_client import Metric
 from twisted.logger import Logger
 
 from dftx import config as dfconfig
@@ -134,7 +135,7 @@ class PublisherService(RoleService):
         counters.update({f"port_status_{k}": v for k, v in self.port_status.counters.items()})
         return counters
 
-    def metrics(self) -> list[Any]:
+    def metrics(self) -> list[Metric]:
         relay = self.relay.counters if self.relay else {}
         reg = self.registration
         return [

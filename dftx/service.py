@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable
 
-from prometheus_client import Histogram
+from prometheus_client import Histogram, Metric
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -266,7 +266,7 @@ class RoleService(service.Service):
         sub = self.subscriber.counters if self.subscriber is not None else {}
         return {**self.counters, **{f"subscriber_{k}": v for k, v in sub.items()}}
 
-    def metrics(self) -> list[Any]:
+    def metrics(self) -> list[Metric]:
         """The current values in C{GET /metrics}: C{dftx_ready},
         C{dftx_build_info}."""
         return [
