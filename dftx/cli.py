@@ -286,8 +286,8 @@ async def check_config(args: argparse.Namespace, out: Any, reactor: Any) -> None
     if args.role is None:
         dfconfig.load(args.file)
     else:
-        factory = {s.role: s for s in (PublisherService, ControllerService)}
-        runner.build(args.file, factory[SERVICE_ROLES[args.role]], reactor)
+        by_role = {s.role: s for s in (PublisherService, ControllerService)}
+        runner.build(args.file, by_role[SERVICE_ROLES[args.role]], reactor)
     out.write("ok\n")
 
 
