@@ -246,6 +246,42 @@ async def test_over_redis_pub_sub_classic_and_sharded(tmp_path, redis_cluster):
             await d.stop()
 
 
+async def _no_resync_due(controller):
+    return (await controller.json("/v1/status"))["resync_spread"]["due"] is None
+
+
+@aio
+async def test_a_slot_migration_resyncs_only_the_topics_on_that_slot(tmp_path, redis_cluster):
+    table = "stampede"  # its own table: rows of other topics would stay behind in lport
+    slot = key_slot(f"{{{table}.t3}}")
+    assert slot not in {key_slot(f"{{{table}.t1}}"), key_slot(f"{{{table}.}}"),
+                        key_slot("{chassis.}")}
+    d = Deployment(tmp_path, redis_cluster, controllers=2, tables=f"{table},chassis",
+                   topics=["t1", "t3"], db_sync_time=600)
+    try:
+        await d.start()
+        for c in d.controllers:  # the resyncs their start asked for are done
+            await poll(lambda c=c: _no_resync_due(c), 15, "no resync waiting")
+        # Rows nobody was told about, on the slot that moves and on one that stays.
+        await d.db.create_key(table, "silent-t3", "3", topic="t3")
+        await d.db.create_key(table, "silent-t1", "1", topic="t1")
+        src = await d.cluster.owner(slot)
+        await d.cluster.migrate_slot(slot, await d.cluster.other_master(src))
+        for c in d.controllers:
+            await poll(lambda c=c: _has(lambda: c.json(f"/v1/tables/{table}"), {"silent-t3"}),
+                       30, "the moved topic resynced")
+            await poll(lambda c=c: _no_resync_due(c), 15, "no resync waiting")
+            assert "silent-t1" not in await c.json(f"/v1/tables/{table}")
+            counters = (await c.json("/v1/status"))["counters"]
+            assert counters["ha_topologies"] >= 1 and counters["spread_resyncs"] >= 1
+    finally:
+        try:
+            if d.db is not None:
+                await d.db.delete_table(table)
+        finally:
+            await d.stop()
+
+
 def unstarted_controller():
     """A controller built in memory, not started: no server, no reactor run."""
     cfg = config.parse("[df]\nnb_db_driver = memory\n[df_local_controller]\n"
