@@ -209,7 +209,7 @@ class ControllerService(RoleService):
         """HA topologies are applied; everything else goes to discovery and
         the mirror, control events through L{_control}."""
         self.counters["updates"] += 1
-        if update.topic == HA_TOPIC and not update.is_control:
+        if update.topic == HA_TOPIC:
             self._ha_message(update)
             return
         super()._received(update)
@@ -219,7 +219,7 @@ class ControllerService(RoleService):
         (all without that) and writes this node's rows again when theirs are
         among them; a C{sync} resyncs its topic (None: all).  Spread."""
         if update.action != DBRESTART:
-            self._trigger(None if update.topic is None else {update.topic})
+            self._trigger(None if update.topic is None else {update.topic} & self.mirror.topics)
             return
         lost = restart_slots(update)
         if lost is None:
@@ -258,6 +258,7 @@ class ControllerService(RoleService):
         self._spread.request(scope)
 
     def _spread_resync(self, scope: Scope) -> None:
+        """The delay is over: write own rows again if asked, resync C{scope}."""
         self.counters["spread_resyncs"] += 1
         if self._reannounce_due:
             self._reannounce_due = False
