@@ -358,7 +358,7 @@ def test_both_services_report_the_shared_status_and_their_own(tmp_path):
          ["dftx_relay_messages_total", "dftx_publisher_queued_messages",
           "dftx_ha_topologies_published_total", "dftx_port_status_rows",
           "dftx_registry_refreshes_total", "dftx_registry_stale_removed_total"]),
-        (controller, {"chassis", "cache", "ports_online"},
+        (controller, {"chassis", "cache", "ports_online", "resync_spread"},
          ["dftx_cache_rows", "dftx_subscriber_messages_total", "dftx_resyncs_total",
           "dftx_cache_changes_total", "dftx_ports_online", "dftx_port_status_writes_total"]),
     ):
