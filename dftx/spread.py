@@ -83,12 +83,9 @@ class Spread:
         """When the pending run is due (clock seconds), or None."""
         return self._call.getTime() if self._call is not None else None
 
-    def request(self, scope: Iterable[str] | None) -> float:
-        """
-        Ask for a run covering C{scope} (None: everything).
-
-        @return: seconds until the run that covers it.
-        """
+    def request(self, scope: Iterable[str] | None) -> None:
+        """Ask for a run covering C{scope} (None: everything): the pending
+        one, or a new one a random delay from now."""
         self.counters["requests"] += 1
         if scope is None or self._scope is None:
             self._scope = None
@@ -96,7 +93,6 @@ class Spread:
             self._scope |= set(scope)
         if self._call is None:
             self._call = self._clock.callLater(self._rng.random() * self._window(), self._fire)
-        return self._call.getTime() - self._clock.seconds()
 
     def _fire(self) -> None:
         scope, self._scope, self._call = self._scope, set(), None

@@ -161,6 +161,8 @@ async def test_master_killed_every_controller_resyncs_and_matches_the_db(no_resy
     converged = time.monotonic() - t0
     await poll(lambda: _counter_at_least(d.publisher, "ha_failovers", 1), 15,
                "the HA watcher saw the failover")
+    await poll(lambda: _counter_at_least(d.publisher, "ha_restart_events", 1), 15,
+               "the HA watcher published the dbrestart naming the slots lost")
     for c in d.controllers:
         await poll(lambda: _counter_at_least(c, "ha_topologies", 1), 15,
                    "the controller got the HA topology")
