@@ -165,6 +165,16 @@ class LocalControllerSettings:
     db_sync_time: float = option(
         120.0, seconds, "Seconds between periodic safety resyncs with the NB DB.",
         "seconds")
+    resync_spread: float = option(
+        1.0, seconds,
+        "Least window over which a resync that every controller is told to make at "
+        "once (dbrestart, sync, HA topology) is spread: each waits a random delay "
+        "within the window before it reads; updates are applied meanwhile.", "seconds")
+    fleet_resync_rate: int = option(
+        200, integer(1),
+        "Such resyncs the fleet may start per second: the window grows to "
+        "(rows of the cached table chassis, one per controller) / this.",
+        "integer >= 1, per second")
     http_endpoint: str = option(
         "tcp:8090:interface=127.0.0.1", server_endpoint,
         "Where /healthz, /metrics, /v1/status, /v1/tables and /v1/ports are served.",

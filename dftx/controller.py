@@ -16,12 +16,18 @@ observers (L{ControllerService.add_observer}), the in-process API of the
 applications running on the node.
 
 A resync diffs the cache against the database and reports only real
-differences.  It runs on a C{dbrestart} (everything), a C{sync} or a seq
-gap (that topic), an HA topology message (everything, after moving the
-database connections to the new masters), every C{db_sync_time} seconds
-(everything), and when a topic is registered (that topic).  Requests that
-arrive while one runs are merged into the next run; a resync that fails
-(database unreachable during a failover) is retried with a growing delay.
+differences.  It runs on a C{dbrestart} (everything, or only the topics on
+the slots it says lost data: L{dftx.ha.restart_slots}), a C{sync} or a seq
+gap (that topic, or everything), an HA topology message (the topics on the
+slots that changed owner, after moving the database connections to the new
+masters: none when nothing of this node moved), every C{db_sync_time}
+seconds (everything), and when a topic is registered (that topic).  The
+first three reach every controller at once, so each waits a random delay
+within a window that grows with the fleet before it reads (L{dftx.spread};
+C{resync_spread}, C{fleet_resync_rate}); updates are applied meanwhile.
+Requests that arrive while one runs are merged into the next run; a resync
+that fails (database unreachable during a failover) is retried with a
+growing delay.
 
 The OVSDB monitor turns VM ports into rows of table C{port_status} (key
 the iface-id, value JSON C{{"status": "up"|"down", "chassis", "ofport"}}),
@@ -29,7 +35,8 @@ written through L{dftx.nb.NbApi} and so published on the controller's own
 publisher, where the neutron-server side receives them.  After each
 initial OVSDB sync, rows of this chassis that say C{up} for ports no
 longer present are set C{down}; writes that fail are retried.  On a
-C{dbrestart} the chassis row and the rows of online ports are written again.
+C{dbrestart} (one whose lost slots hold them), with its resync, the chassis
+row and the rows of online ports are written again.
 
 With C{[df] zmq_curve}, the controller's publisher is a CURVE server (only
 C{zmq_curve_allowed_keys} may subscribe) and its subscriber a CURVE client
@@ -40,6 +47,7 @@ row (or C{zmq_curve_server_keys}); see doc/security.md.
 from __future__ import annotations
 
 import json
+import random
 from typing import Any, Iterable
 
 from prometheus_client import Histogram, Metric
@@ -51,12 +59,14 @@ from dftx import http, runner
 from dftx.cache import Observer
 from dftx.config_values import check_tenant_topic
 from dftx.deferreds import deferred
-from dftx.errors import DftxError
-from dftx.ha import HA_TOPIC, topology_from_update
+from dftx.ha import HA_TOPIC, restart_slots, topology_from_update
 from dftx.http import LATENCY_BUCKETS, counter, gauge
 from dftx.nb import NbApi
+from dftx.own_rows import OwnRows
+from dftx.redis.slots import SLOTS
 from dftx.service import RoleService
-from dftx.update import DBRESTART, LOCAL_CONTROLLER, PORT_STATUS_TABLE, DbUpdate
+from dftx.spread import Scope, Spread, spread_window, topics_on_slots
+from dftx.update import DBRESTART, LOCAL_CONTROLLER, PORT_STATUS_TABLE, SEND_ALL_TOPIC, DbUpdate
 
 __all__ = ["CHASSIS_TABLE", "ControllerService", "Options", "makeService", "port_fields"]
 
@@ -68,15 +78,19 @@ CHASSIS_TABLE = "chassis"
 class ControllerService(RoleService):
     """
     The dfcontroller service for a loaded L{dftx.config.Config}, run with
-    C{reactor} (an embedding application may omit it: the global reactor).
+    C{reactor} (an embedding application may omit it: the global reactor);
+    C{rng} (a C{random.Random}, default one seeded by the operating system)
+    draws the delays of spread resyncs.
 
     @ivar mirror: the L{dftx.cache.Mirror} of the tables in
         [df_local_controller] tables; C{mirror.cache} (also L{cache}) is the
         L{dftx.cache.LocalCache}.
     @ivar ports: the online ports (the OVSDB monitor's C{ports}), by uuid.
     @ivar counters: updates, port_status_writes, port_status_errors,
-        chassis_writes, chassis_errors, ha_topologies (the mirror has its
-        own).
+        chassis_writes, chassis_errors, ha_topologies, resync_triggers
+        (dbrestart, sync and HA messages that asked for a spread resync),
+        resync_triggers_skipped (those that touched nothing of this node),
+        spread_resyncs (spread resyncs run); the mirror has its own.
     @ivar nb_write_seconds: histogram of its own rows' writes through
         L{NbApi}, from the database write to the publish acknowledged.
     @ivar nb_publish_seconds: histogram of the same, from the database
@@ -87,9 +101,12 @@ class ControllerService(RoleService):
     role = LOCAL_CONTROLLER
     extra_topics = frozenset({HA_TOPIC})
 
-    def __init__(self, config: dfconfig.Config, reactor: Any = None) -> None:
+    def __init__(self, config: dfconfig.Config, reactor: Any = None,
+                 rng: random.Random | None = None) -> None:
         lc = config.df_local_controller
         super().__init__(config, lc.tables, lc.topics, reactor)
+        self._spread = Spread(self._spread_resync, self.resync_window, self.reactor, rng)
+        self._reannounce_due = False
         self.chassis = lc.chassis_name
         self.cache = self.mirror.cache
         self.nb: NbApi | None = None
@@ -103,10 +120,7 @@ class ControllerService(RoleService):
             "dftx_nb_publish_seconds", "The same writes, from the NB DB write acknowledged to "
             "the publish acknowledged.", buckets=LATENCY_BUCKETS, registry=self.registry)
         self._sync_loop: task.LoopingCall | None = None
-        # This node's own rows waiting to be written: (table, key) -> value.
-        self._own_writes: dict[tuple[str, str], str] = {}
-        self._own_flush: defer.Deferred[None] | None = None
-        self._own_retry: Any = None
+        self.own_rows = OwnRows(self.reactor, self.counters)
 
     # --- the in-process API for local applications ----------------------------------
 
@@ -171,6 +185,7 @@ class ControllerService(RoleService):
         self.nb = NbApi(self.db, self.publisher, on_written=self._nb_written,
                         clock=self.reactor)
         await self.nb.create(CHASSIS_TABLE, self.chassis, self._chassis_row())
+        self.own_rows.start(self.nb)
 
     async def _loaded(self) -> None:
         """Start the periodic resync and the OVSDB monitor."""
@@ -191,10 +206,10 @@ class ControllerService(RoleService):
         self.monitor.startService()
 
     async def _stopping(self) -> None:
+        self._spread.cancel()
         if self._sync_loop is not None and self._sync_loop.running:
             self._sync_loop.stop()
-        if self._own_retry is not None and self._own_retry.active():
-            self._own_retry.cancel()
+        self.own_rows.stop()
         if self.monitor is not None:
             await self.monitor.stopService()
 
@@ -202,25 +217,75 @@ class ControllerService(RoleService):
 
     def _received(self, update: DbUpdate) -> None:
         """HA topologies are applied; everything else goes to discovery and
-        the mirror, and a C{dbrestart} also makes it write its own rows again."""
+        the mirror, control events through L{_control}."""
         self.counters["updates"] += 1
         if update.topic == HA_TOPIC:
             self._ha_message(update)
             return
-        if update.action == DBRESTART:
-            self._reannounce()
         super()._received(update)
 
+    def _control(self, update: DbUpdate) -> None:
+        """A C{dbrestart} resyncs the topics on the slots it says lost data
+        (all without that) and writes this node's rows again when theirs are
+        among them; a C{sync} resyncs its topic (None: all).  Spread."""
+        if update.action != DBRESTART:
+            self._trigger(None if update.topic is None else {update.topic} & self.mirror.topics)
+            return
+        lost = restart_slots(update)
+        if lost is None:
+            self._trigger(None, own_rows=True)
+        else:
+            own = topics_on_slots((CHASSIS_TABLE, PORT_STATUS_TABLE), [SEND_ALL_TOPIC], lost)
+            self._trigger(topics_on_slots(self.cache.tables, self.mirror.topics, lost),
+                          own_rows=bool(own))
+
     def _ha_message(self, update: DbUpdate) -> None:
+        """Route by the new topology at once; resync (spread) the topics on
+        the slots whose master changed."""
         topology = topology_from_update(update)
         client = getattr(self.db, "client", None)
         if topology is None or client is None:
             return
         self.counters["ha_topologies"] += 1
-        if topology != client.topology:
+        old = client.topology
+        if topology == old:
+            moved: set[int] = set()
+        else:
             log.info("HA: Redis topology {topology}", topology=topology)
+            moved = set(range(SLOTS) if old is None else old.moved_slots(topology))
             client.apply_topology(topology)
-        self.mirror.resync()
+        self._trigger(topics_on_slots(self.cache.tables, self.mirror.topics, moved))
+
+    def _trigger(self, scope: Scope, own_rows: bool = False) -> None:
+        """Resync C{scope} (and write this node's own rows again) after a
+        random delay, merged with any already waiting; nothing when the
+        trigger touched nothing of this node."""
+        if scope is not None and not scope and not own_rows:
+            self.counters["resync_triggers_skipped"] += 1
+            return
+        self.counters["resync_triggers"] += 1
+        self._reannounce_due |= own_rows
+        self._spread.request(scope)
+
+    def _spread_resync(self, scope: Scope) -> None:
+        """The delay is over: write own rows again if asked, resync C{scope}."""
+        self.counters["spread_resyncs"] += 1
+        if self._reannounce_due:
+            self._reannounce_due = False
+            self._reannounce()
+        if scope is None or scope:
+            self.mirror.resync(scope)
+
+    def resync_window(self) -> float:
+        """
+        Seconds over which the fleet spreads a resync it is told to make at
+        once: C{fleet / fleet_resync_rate}, at least C{resync_spread}, where
+        the fleet is the rows of the cached table C{chassis} (each
+        controller writes one; 1 when the table is not cached).
+        """
+        lc = self.settings
+        fleet = len(self.cache.rows(CHASSIS_TABLE)) if CHASSIS_TABLE in self.cache.tables else 1
+        return spread_window(lc.resync_spread, fleet, lc.fleet_resync_rate)
 
     # --- ports --------------------------------------------------------------------------
 
@@ -237,7 +302,7 @@ class ControllerService(RoleService):
         """Write this node's own rows again, its chassis row and every online
         VM port's row: a database failover may have lost the last writes,
         and a restart without persistence all of them."""
-        self._write_own(CHASSIS_TABLE, self.chassis, self._chassis_row())
+        self.own_rows.write(CHASSIS_TABLE, self.chassis, self._chassis_row())
         for event in self.ports.values():
             if event.kind == "vm" and event.iface_id:
                 self._set_port_status(event.iface_id, "up", event.ofport)
@@ -258,46 +323,12 @@ class ControllerService(RoleService):
                 continue
             if (isinstance(row, dict) and row.get("chassis") == self.chassis
                     and row.get("status") == "up" and key not in present
-                    and (PORT_STATUS_TABLE, key) not in self._own_writes):
+                    and (PORT_STATUS_TABLE, key) not in self.own_rows.pending):
                 self._set_port_status(key, "down", row.get("ofport"))
 
     def _set_port_status(self, iface_id: str, status: str, ofport: Any) -> None:
-        self._write_own(PORT_STATUS_TABLE, iface_id, json.dumps(
+        self.own_rows.write(PORT_STATUS_TABLE, iface_id, json.dumps(
             {"status": status, "chassis": self.chassis, "ofport": ofport}, sort_keys=True))
-
-    def _write_own(self, table: str, key: str, value: str) -> None:
-        """Write one of this node's own rows through the NB API, soon and
-        until it succeeds (only the latest value of a row is written)."""
-        self._own_writes[table, key] = value
-        if self._own_flush is None:
-            self._own_flush = self._flush_own()
-
-    @deferred
-    async def _flush_own(self) -> None:
-        """Write pending rows one at a time; on a failure, retry them all a
-        second later."""
-        try:
-            while self._own_writes and self.running:
-                row = next(iter(self._own_writes))
-                table, key = row
-                value = self._own_writes[row]
-                try:
-                    await self.nb.create(table, key, value)  # type: ignore[union-attr]
-                except DftxError as e:
-                    self.counters[f"{table}_errors"] += 1
-                    log.warn("writing {table} {key} failed (retrying): {error}",
-                             table=table, key=key, error=e)
-                    self._own_retry = self.reactor.callLater(1.0, self._retry_own)
-                    return
-                self.counters[f"{table}_writes"] += 1
-                if self._own_writes.get(row) == value:
-                    del self._own_writes[row]
-        finally:
-            self._own_flush = None
-
-    def _retry_own(self) -> None:
-        if self._own_flush is None and self.running:
-            self._own_flush = self._flush_own()
 
     # --- IStatusSource --------------------------------------------------------------------
 
@@ -307,6 +338,7 @@ class ControllerService(RoleService):
             "chassis": self.chassis,
             "cache": {t: len(self.cache.rows(t)) for t in sorted(self.cache.tables)},
             "ports_online": len(self.ports),
+            "resync_spread": {"window": self.resync_window(), "due": self._spread.due},
         }
 
     def _counters(self) -> dict[str, int]:

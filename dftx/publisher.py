@@ -14,8 +14,9 @@ C{/v1/status} on C{http_endpoint}.
 
 With the Redis NB driver it also runs the HA watcher (L{dftx.ha}): the
 cluster topology is published on topic C{"redis"} when it changes, and a
-change of masters is followed by a C{dbrestart} on C{"D"} so that every
-controller resyncs.  It subscribes to the local controllers' publishers
+change of masters or a master's restart is followed by a C{dbrestart} on
+C{"D"} that names the slots lost, so that every controller resyncs what
+lives there.  It subscribes to the local controllers' publishers
 (found through table C{publisher}, role df_local_controller) and mirrors
 table C{port_status}, served at C{/v1/tables/port_status}; an embedding
 application can observe it (C{service.port_status.add_observer}).
@@ -48,7 +49,6 @@ from dftx import config as dfconfig
 from dftx import runner
 from dftx.ha import ClusterWatcher
 from dftx.http import counter, gauge
-from dftx.nb import NbApi
 from dftx.pubsub.zmq import ZmqPublisher
 from dftx.pubsub.zmq_relay import ZmqRelay
 from dftx.service import RoleService
@@ -96,10 +96,9 @@ class PublisherService(RoleService):
         """With the Redis NB driver, start the HA watcher."""
         client = getattr(self.db, "client", None)
         if client is not None:
-            nb = NbApi(self.db, self.publisher)
             self.watcher = ClusterWatcher(client, self.publisher,
                                           self.config.df_redis.cluster_watch_interval,
-                                          on_failover=nb.db_restart, clock=self.reactor)
+                                          clock=self.reactor, restart_event=True)
             self.watcher.startService()
         log.info("dfpublisher {id} publishing on {uri}{relay}", id=self.publisher.id,
                  uri=self.registration.uri if self.registration else None,

@@ -228,10 +228,19 @@ class RoleService(service.Service):
         self.resync_seconds.labels("ok" if ok else "error").observe(seconds)
 
     def _received(self, update: DbUpdate) -> None:
-        """An update: to discovery (control events and
-        table C{publisher}), then to the mirror."""
+        """What the subscriber delivers: to discovery (control events and
+        table C{publisher}), then control events to L{_control} and the rest
+        to the mirror."""
         if self.discovery is not None and (update.is_control or update.table == PUBLISHER_TABLE):
             self.discovery.observe(update)
+        if update.is_control:
+            self._control(update)
+        else:
+            self.mirror.received(update)
+
+    def _control(self, update: DbUpdate) -> None:
+        """A C{dbrestart} or C{sync}: the mirror resyncs at once (the
+        controller, one of a fleet, spreads it)."""
         self.mirror.received(update)
 
     # --- IStatusSource ----------------------------------------------------------------

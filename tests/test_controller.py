@@ -7,6 +7,7 @@ each with its own ovsdb-server, and an NB writer in this process.
 from __future__ import annotations
 
 import json
+import random
 import time
 
 import pytest
@@ -17,9 +18,13 @@ from twisted.internet.testing import MemoryReactorClock
 from dftx import config
 from dftx.controller import ControllerService
 from dftx.errors import DftxError, InvalidNameError
-from dftx.redis.slots import key_slot
+from dftx.ha import HA_TOPIC, restart_update, topology_update
+from dftx.redis.slots import SLOTS, key_slot
+from dftx.redis.topology import Shard, Topology
 from dftx.sandbox import Deployment
 from dftx.harness import poll
+from dftx.testing import MemoryDbDriver, MemoryPubSub
+from dftx.update import DBRESTART, SYNC, DbUpdate
 
 aio = pytest_twisted.ensureDeferred
 
@@ -156,10 +161,13 @@ async def test_master_killed_every_controller_resyncs_and_matches_the_db(no_resy
     converged = time.monotonic() - t0
     await poll(lambda: _counter_at_least(d.publisher, "ha_failovers", 1), 15,
                "the HA watcher saw the failover")
+    await poll(lambda: _counter_at_least(d.publisher, "ha_restart_events", 1), 15,
+               "the HA watcher published the dbrestart naming the slots lost")
     for c in d.controllers:
         await poll(lambda: _counter_at_least(c, "ha_topologies", 1), 15,
                    "the controller got the HA topology")
-        assert (await c.json("/v1/status"))["counters"]["resyncs"] >= 2
+        # Its resync follows within the spread window.
+        await poll(lambda: _counter_at_least(c, "resyncs", 2), 15, "the controller resynced")
     print(f"\nkill -9 of a master (cluster-node-timeout {d.cluster.node_timeout_ms} ms): "
           f"first NB write after {first_write:.2f}s, every cache equal to the DB after "
           f"{converged:.2f}s")
@@ -241,6 +249,42 @@ async def test_over_redis_pub_sub_classic_and_sharded(tmp_path, redis_cluster):
             await d.stop()
 
 
+async def _no_resync_due(controller):
+    return (await controller.json("/v1/status"))["resync_spread"]["due"] is None
+
+
+@aio
+async def test_a_slot_migration_resyncs_only_the_topics_on_that_slot(tmp_path, redis_cluster):
+    table = "stampede"  # its own table: rows of other topics would stay behind in lport
+    slot = key_slot(f"{{{table}.t3}}")
+    assert slot not in {key_slot(f"{{{table}.t1}}"), key_slot(f"{{{table}.}}"),
+                        key_slot("{chassis.}")}
+    d = Deployment(tmp_path, redis_cluster, controllers=2, tables=f"{table},chassis",
+                   topics=["t1", "t3"], db_sync_time=600)
+    try:
+        await d.start()
+        for c in d.controllers:  # the resyncs their start asked for are done
+            await poll(lambda c=c: _no_resync_due(c), 15, "no resync waiting")
+        # Rows nobody was told about, on the slot that moves and on one that stays.
+        await d.db.create_key(table, "silent-t3", "3", topic="t3")
+        await d.db.create_key(table, "silent-t1", "1", topic="t1")
+        src = await d.cluster.owner(slot)
+        await d.cluster.migrate_slot(slot, await d.cluster.other_master(src))
+        for c in d.controllers:
+            await poll(lambda c=c: _has(lambda: c.json(f"/v1/tables/{table}"), {"silent-t3"}),
+                       30, "the moved topic resynced")
+            await poll(lambda c=c: _no_resync_due(c), 15, "no resync waiting")
+            assert "silent-t1" not in await c.json(f"/v1/tables/{table}")
+            counters = (await c.json("/v1/status"))["counters"]
+            assert counters["ha_topologies"] >= 1 and counters["spread_resyncs"] >= 1
+    finally:
+        try:
+            if d.db is not None:
+                await d.db.delete_table(table)
+        finally:
+            await d.stop()
+
+
 def unstarted_controller():
     """A controller built in memory, not started: no server, no reactor run."""
     cfg = config.parse("[df]\nnb_db_driver = memory\n[df_local_controller]\n"
@@ -266,3 +310,178 @@ async def test_reserved_topics_are_refused(topic):
         with pytest.raises(InvalidNameError, match=repr(topic)):
             await call(topic)
     assert svc.mirror.topics == {"D", "t1"}
+
+
+# --- fleet-wide triggers: what a controller resyncs, and when (memory DB and bus, a clock)
+
+
+class ReadLog:
+    """The shared NB DB as controller C{who} sees it: each read it makes is
+    logged as (who, clock time, method, topic), everything else passed on."""
+
+    def __init__(self, db, clock, who, reads, client=None):
+        self.db, self.clock, self.who, self.reads, self.client = db, clock, who, reads, client
+
+    def __getattr__(self, name):
+        attr = getattr(self.db, name)
+        if not name.startswith("get"):
+            return attr
+
+        def read(table, topic=None, *args, **kw):
+            self.reads.append((self.who, self.clock.seconds(), name, topic))
+            return attr(table, topic, *args, **kw)
+        return read
+
+
+class FakeCluster:
+    """What a controller uses of its ClusterClient when an HA message comes."""
+
+    def __init__(self, topology):
+        self.topology = topology
+
+    def apply_topology(self, topology):
+        self.topology = topology
+
+
+ONE_MASTER = Topology([Shard(0, SLOTS - 1, "m1:1")])
+
+
+def moving(slot):
+    """ONE_MASTER with C{slot} moved to another master."""
+    shards = [Shard(slot, slot, "m2:1")]
+    if slot > 0:
+        shards.append(Shard(0, slot - 1, "m1:1"))
+    if slot < SLOTS - 1:
+        shards.append(Shard(slot + 1, SLOTS - 1, "m1:1"))
+    return Topology(shards)
+
+
+class Fleet:
+    """
+    C{n} controllers (topics t1 and t3, the default tables) on one clock,
+    one memory NB DB and one memory bus, their delays drawn from one seeded
+    random source.
+    """
+
+    def __init__(self, n, spread=1.0, rate=200, seed=17):
+        self.clock = MemoryReactorClock()
+        self.db = MemoryDbDriver()
+        self.bus = MemoryPubSub()
+        self.pub = self.bus.get_publisher()
+        self.seed = seed
+        self.reads = []
+        rng = random.Random(seed)
+        cfg = config.parse(
+            "[df]\nnb_db_driver = memory\n[df_local_controller]\nchassis_name = c\n"
+            f"topics = t1,t3\nresync_spread = {spread}\nfleet_resync_rate = {rate}\n",
+            role=config.LOCAL_CONTROLLER)
+        self.controllers = [ControllerService(cfg, self.clock, rng=rng) for _ in range(n)]
+        for i, svc in enumerate(self.controllers):
+            svc.db = svc.mirror.db = ReadLog(self.db, self.clock, i, self.reads,
+                                             FakeCluster(ONE_MASTER))
+
+    async def start(self):
+        """Subscribe each controller and load its cache."""
+        for svc in self.controllers:
+            sub = self.bus.get_subscriber()
+            await sub.register_topic(HA_TOPIC)
+            await sub.initialize(svc._received)  # what the service's subscriber calls
+            await svc.mirror.resync()
+        self.reads.clear()
+        return self
+
+    def run_timers(self):
+        """Advance the clock to each timer in turn until none is left."""
+        while self.clock.getDelayedCalls():
+            due = min(c.getTime() for c in self.clock.getDelayedCalls())
+            self.clock.advance(due - self.clock.seconds())
+
+    def has(self, i, topic, key):
+        return self.controllers[i].cache.get("lport", key, topic=topic) is not None
+
+
+def pair_slots(tables, topics):
+    return {key_slot(f"{{{t}.{'' if topic == 'D' else topic}}}") for t in tables for topic in topics}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_topology_that_moves_one_slot_resyncs_only_the_topics_on_it():
+    fleet = await Fleet(1).start()
+    svc = fleet.controllers[0]
+    slot = key_slot("{lport.t3}")
+    others = pair_slots(svc.cache.tables, {"D", "t1", "t3"}) - {slot}
+    assert slot not in others and len(others) == 14
+    # Rows the controller was not told about, in a topic that moves and in one that does not.
+    await fleet.db.create_key("lport", "silent", "1", topic="t3")
+    await fleet.db.create_key("lport", "silent", "1", topic="t1")
+    await fleet.pub.send_event(topology_update(moving(slot)))
+    assert svc.db.client.topology == moving(slot)  # routed by it at once
+    assert fleet.reads == [] and svc.counters["resync_triggers"] == 1
+    fleet.run_timers()
+    assert fleet.reads and {r[3] for r in fleet.reads} == {"t3"}
+    assert fleet.has(0, "t3", "silent") and not fleet.has(0, "t1", "silent")
+    assert svc.mirror.counters["resyncs"] == 2  # the load, then this one
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_topology_that_moves_none_of_its_slots_resyncs_nothing():
+    fleet = await Fleet(1).start()
+    svc = fleet.controllers[0]
+    slot = min(set(range(SLOTS)) - pair_slots(svc.cache.tables, {"D", "t1", "t3"}))
+    await fleet.db.create_key("lport", "silent", "1", topic="t3")
+    await fleet.pub.send_event(topology_update(moving(slot)))
+    await fleet.pub.send_event(topology_update(moving(slot)))  # the same again
+    assert svc.db.client.topology == moving(slot)
+    assert fleet.clock.getDelayedCalls() == [] and svc.resync_window() == 1.0
+    fleet.clock.advance(60)
+    assert fleet.reads == [] and not fleet.has(0, "t3", "silent")
+    assert svc.counters["resync_triggers_skipped"] == 2 and svc.counters["ha_topologies"] == 2
+    assert svc.mirror.counters["resyncs"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dbrestart_naming_lost_slots_resyncs_only_the_topics_on_them():
+    fleet = await Fleet(1).start()
+    svc = fleet.controllers[0]
+    await fleet.db.create_key("lport", "silent", "1", topic="t3")
+    await fleet.db.create_key("lport", "silent", "1", topic="t1")
+    # Slots of no row it keeps nor of its own rows (chassis, port_status).
+    elsewhere = (set(range(SLOTS)) - pair_slots(svc.cache.tables, {"D", "t1", "t3"})
+                 - {key_slot("{port_status.}")})
+    await fleet.pub.send_event(restart_update(elsewhere))
+    assert svc.counters["resync_triggers_skipped"] == 1 and fleet.clock.getDelayedCalls() == []
+    await fleet.pub.send_event(restart_update({key_slot("{lport.t3}"), *elsewhere}))
+    fleet.run_timers()
+    assert {r[3] for r in fleet.reads} == {"t3"}
+    assert fleet.has(0, "t3", "silent") and not fleet.has(0, "t1", "silent")
+    # A dbrestart that does not say which slots (Dragonflow's, a reconnection's): all.
+    await fleet.pub.send_event(DbUpdate.control(DBRESTART))
+    fleet.run_timers()
+    assert fleet.has(0, "t1", "silent")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dbrestart_spreads_the_resyncs_of_20_controllers_over_the_window():
+    fleet = Fleet(20, spread=1.0, rate=4)
+    for i in range(20):  # each controller's chassis row: the fleet is 20
+        await fleet.db.create_key("chassis", f"compute{i}", "{}")
+    await fleet.start()
+    window = 20 / 4
+    assert all(svc.resync_window() == window for svc in fleet.controllers)
+    await fleet.pub.send_event(DbUpdate.control(DBRESTART))
+    assert fleet.reads == []  # nobody reads at the instant the trigger arrives
+    fleet.clock.advance(0.001)
+    await fleet.pub.send_event(DbUpdate.control(SYNC))  # merged into the pending one
+    fleet.run_timers()
+    # The delays drawn, in the order the controllers got the dbrestart.
+    replay = random.Random(fleet.seed)
+    delays = [replay.random() * window for _ in fleet.controllers]
+    first = {}
+    for who, at, _, _ in fleet.reads:
+        first.setdefault(who, at)
+    assert sorted(first) == list(range(20))
+    assert [first[i] for i in range(20)] == delays  # none before its delay
+    assert len(set(delays)) == 20 and all(0 <= d < window for d in delays)
+    assert max(delays) - min(delays) > window / 2  # not the 1 s minimum: grown with the fleet
+    assert all(svc.mirror.counters["resyncs"] == 2 for svc in fleet.controllers)
+    assert all(svc.counters["resync_triggers"] == 2 for svc in fleet.controllers)

@@ -16,11 +16,15 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from dftx.codec import decode, encode
 from dftx.errors import DBConnectionError, ProtocolError, PublishError
-from dftx.ha import HA_TOPIC, ClusterWatcher, topology_from_update, topology_update
+from dftx.ha import (
+    HA_TOPIC, ClusterWatcher, lost_slots, restart_slots, restart_update, topology_from_update,
+    topology_update,
+)
 from dftx.redis.cluster import ClusterClient
-from dftx.redis.topology import Topology
+from dftx.redis.slots import SLOTS
+from dftx.redis.topology import Shard, Topology
 from dftx.harness import poll
-from dftx.update import DbUpdate
+from dftx.update import DBRESTART, DbUpdate
 
 from .helpers import joined, publisher, subscriber
 
@@ -199,7 +203,7 @@ class FakePublisher:
         return defer.succeed(None)
 
     def topologies(self):
-        return [topology_from_update(u) for u in self.sent]
+        return [topology_from_update(u) for u in self.sent if not u.is_control]
 
 
 A, B = Topology.single("10.0.0.1:7000"), Topology.single("10.0.0.2:7000")
@@ -287,3 +291,90 @@ def test_stop_waits_for_the_check_under_way():
     assert stopped.called and pub.topologies() == [A]
     clock.advance(30)
     assert watcher.counters["checks"] == 1
+
+
+# --- the slots a failover or a restart may have emptied, and the dbrestart naming them
+
+
+def shards(*owners):
+    """A topology of C{owners}: (start, end, master, replica) tuples."""
+    return Topology([Shard(a, b, m, (r,)) for a, b, m, r in owners])
+
+
+T1 = shards((0, 8191, "m1:1", "r1:1"), (8192, SLOTS - 1, "m2:1", "r2:1"))
+FAILED_OVER = shards((0, 8191, "r1:1", "m1:1"), (8192, SLOTS - 1, "m2:1", "r2:1"))
+MIGRATED = shards((0, 8190, "m1:1", "r1:1"), (8191, SLOTS - 1, "m2:1", "r2:1"))
+JOINED = shards((0, 8191, "m1:1", "r1:1"), (8192, 9000, "m3:1", "r3:1"),
+                (9001, SLOTS - 1, "m2:1", "r2:1"))
+
+
+def test_lost_slots_are_those_of_masters_that_left_joined_or_restarted():
+    assert lost_slots(T1, FAILED_OVER) == frozenset(range(8192))
+    assert lost_slots(T1, MIGRATED) == frozenset()  # a migration loses nothing
+    assert lost_slots(T1, T1, restarted=["m2:1"]) == frozenset(range(8192, SLOTS))
+    assert lost_slots(T1, JOINED) == frozenset(range(8192, 9001))
+    partial = Topology([Shard(0, 8191, "m1:1")])  # 8192.. served by nobody
+    assert lost_slots(T1, partial) == frozenset(range(8192, SLOTS))
+
+
+def test_a_restart_update_names_its_slots_on_the_wire():
+    update = decode(encode(restart_update({5, 1, 2, 3, 16383}), publisher="p", seq=1))
+    assert update.action == DBRESTART and update.is_control and update.topic == "D"
+    assert update.value == '{"lost_slots": [[1, 3], [5, 5], [16383, 16383]]}'
+    assert restart_slots(update) == {1, 2, 3, 5, 16383}
+    assert restart_slots(restart_update([])) == frozenset()
+    # Anything else says nothing about slots: everything may be lost.
+    for value in (None, "", "false", "[]", '{"lost_slots": [[3, 1, 2]]}',
+                  '{"lost_slots": [[0, 16384]]}', '{"lost_slots": [["a", 1]]}', '{"x": 1}'):
+        assert restart_slots(DbUpdate(None, None, DBRESTART, value)) is None, value
+
+
+def dbrestarts(pub):
+    return [restart_slots(u) for u in pub.sent if u.action == DBRESTART]
+
+
+def test_a_failover_publishes_the_topology_then_a_dbrestart_of_the_slots_lost():
+    calls = []
+    watcher, client, pub, clock = watching(T1, on_failover=lambda: calls.append(len(pub.sent)),
+                                           restart_event=True)
+    client.result = MIGRATED
+    clock.advance(3)
+    assert pub.topologies() == [T1, MIGRATED] and dbrestarts(pub) == [] and calls == []
+    client.result = FAILED_OVER
+    clock.advance(3)
+    # The topology, the hook, then the dbrestart, which Dragonflow also reads.
+    assert pub.topologies()[2] == FAILED_OVER and calls == [3]
+    assert dbrestarts(pub) == [frozenset(range(8192))]
+    assert pub.sent[3].topic == "D" and watcher.counters["restart_events"] == 1
+    clock.advance(3)
+    assert len(pub.sent) == 4
+
+
+def test_a_master_restarted_in_place_gets_a_dbrestart_of_its_slots():
+    watcher, client, pub, clock = watching(T1, restart_event=True)
+    client.run_ids["m2:1"] = "r2"
+    clock.advance(3)
+    assert pub.topologies() == [T1] and dbrestarts(pub) == [frozenset(range(8192, SLOTS))]
+
+
+def test_a_failed_dbrestart_is_retried_with_every_slot_lost_since(warnings):
+    watcher, client, pub, clock = watching(T1, restart_event=True)
+    pub.fail = True
+    client.run_ids["m2:1"] = "r2"
+    clock.advance(3)
+    client.result = FAILED_OVER
+    clock.advance(3)
+    assert watcher.counters["publish_errors"] >= 2 and dbrestarts(pub) == []
+    assert any("publishing dbrestart failed" in w for w in warnings)
+    pub.fail = False
+    clock.advance(3)
+    assert dbrestarts(pub) == [frozenset(range(SLOTS))]
+    clock.advance(3)
+    assert len(dbrestarts(pub)) == 1
+
+
+def test_without_restart_event_no_dbrestart_is_published():
+    watcher, client, pub, clock = watching(T1, on_failover=lambda: None)
+    client.result = FAILED_OVER
+    clock.advance(3)
+    assert dbrestarts(pub) == [] and pub.topologies() == [T1, FAILED_OVER]

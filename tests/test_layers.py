@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "dftx.reconnect", "dftx.endpoints")),
     ("protocols", ("dftx.redis", "dftx.ovsdb")),
     ("drivers", ("dftx.db", "dftx.pubsub")),
-    ("coordination", ("dftx.nb", "dftx.registry", "dftx.ha", "dftx.cache")),
+    ("coordination", ("dftx.nb", "dftx.registry", "dftx.ha", "dftx.cache", "dftx.spread", "dftx.own_rows")),
     ("services", ("dftx.config", "dftx.config_values", "dftx.service", "dftx.runner", "dftx.http",
                   "dftx.publisher", "dftx.controller", "dftx.cli", "dftx.testing",
                   "dftx.__main__", "dftx")),

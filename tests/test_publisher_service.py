@@ -345,7 +345,7 @@ def test_both_services_report_the_shared_status_and_their_own(tmp_path):
           ("dftx_ha_topologies_published_total", "counter"), ("dftx_port_status_rows", "gauge"),
           ("dftx_registry_refreshes_total", "counter"),
           ("dftx_registry_stale_removed_total", "counter"), *histograms]),
-        (controller, {"chassis", "cache", "ports_online"},
+        (controller, {"chassis", "cache", "ports_online", "resync_spread"},
          [("dftx_cache_rows", "gauge"), ("dftx_subscriber_messages_total", "counter"),
           ("dftx_resyncs_total", "counter"), ("dftx_cache_changes_total", "counter"),
           ("dftx_ports_online", "gauge"), ("dftx_port_status_writes_total", "counter"),
