@@ -62,12 +62,12 @@ class Discovery(service.Service):
     """
     Connects C{subscriber} to every live publisher of the role other than
     C{role} and disconnects it from those that are gone (see the module
-    docstring).  L{ready} fires after the first read of the table.  Only
+    docstring).  L{ready} fires after the first read of their rows.  Only
     addresses it connected are ever disconnected.  Once stopped, it
     connects nothing: updates given to L{observe} and reads still under
     way are ignored.
 
-    @param interval: seconds between reads of the table (default
+    @param interval: seconds between reads of the rows (default
         C{timeout / 3}).
     """
 

@@ -63,6 +63,7 @@ class Registration(service.Service):
         self._loop: task.LoopingCall | None = None
 
     def row(self) -> PublisherRow:
+        """This publisher's row, stamped now."""
         return PublisherRow(self.id, self.uri, self.role, self.clock.seconds(),
                             self.curve_public_key)
 
