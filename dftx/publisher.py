@@ -6,23 +6,24 @@ It reads [df], [df_redis] and [neutron_server]; with C{pub_sub_driver =
 zmq} it binds a PUB socket on C{publisher_bind_address:publisher_port},
 and, with C{pub_sub_use_multiproc}, a PULL socket on the ipc path
 C{publisher_multiproc_socket} whose messages (from the API workers' PUSH
-sockets) it re-publishes unchanged.  It registers itself in table
-C{publisher} with role neutron_server, refreshes its row every
-C{publisher_timeout / 3} seconds and deletes every publisher row not
-refreshed for C{publisher_timeout}.  It serves C{/healthz}, C{/metrics} and
-C{/v1/status} on C{http_endpoint}.
+sockets) it re-publishes unchanged.  It registers itself (role
+neutron_server: in table C{dftx_publisher}, and in Dragonflow's table
+C{publisher}, where Dragonflow's controllers find it; L{dftx.registry}),
+refreshes its rows every C{publisher_timeout / 3} seconds and deletes every
+registry row not refreshed for C{publisher_timeout}.  It serves
+C{/healthz}, C{/metrics} and C{/v1/status} on C{http_endpoint}.
 
 With the Redis NB driver it also runs the HA watcher (L{dftx.ha}): the
 cluster topology is published on topic C{"redis"} when it changes, and a
 change of masters or a master's restart is followed by a C{dbrestart} on
 C{"D"} that names the slots lost, so that every controller resyncs what
 lives there.  It subscribes to the local controllers' publishers
-(found through table C{publisher}, role df_local_controller) and mirrors
+(found in table C{dftx_publisher}, topic df_local_controller) and mirrors
 table C{port_status}, served at C{/v1/tables/port_status}; an embedding
 application can observe it (C{service.port_status.add_observer}).
 
 With C{[df] zmq_curve} the PUB socket is a CURVE server that serves only
-the client keys of C{zmq_curve_allowed_keys}, the registration row carries
+the client keys of C{zmq_curve_allowed_keys}, its registry row carries
 its public key, and the subscriber authenticates the controllers'
 publishers (see doc/security.md).  The ipc relay is protected by its file's
 permissions (0660), not by CURVE.

@@ -11,9 +11,9 @@ section ([df_local_controller] or [neutron_server]):
  3. bind their own publisher on C{publisher_bind_address:publisher_port};
  4. their own step (L{RoleService._bound}): the controller writes its
     chassis row, the publisher service starts its ipc relay;
- 5. register that publisher in table C{publisher} (L{dftx.registry});
+ 5. register that publisher (L{dftx.registry});
  6. subscribe to the topics of their L{dftx.cache.Mirror} (and, with
-    ZeroMQ, find the other role's publishers through table C{publisher});
+    ZeroMQ, find the other role's publishers through the registry);
  7. load the mirror from the database, then their own step
     (L{RoleService._loaded}): the controller's periodic resync and OVSDB
     monitor, the publisher service's HA watcher.

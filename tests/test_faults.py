@@ -314,7 +314,7 @@ async def test_every_redis_node_down_for_10_s(faulted):
     # The services re-wrote their own rows too.
     await poll(lambda: _row_count(f.d, "chassis", 2), RECOVERY, "chassis rows re-written")
     # dfpublisher's and each controller's publisher (refreshed every timeout/3).
-    await poll(lambda: _row_count(f.d, "publisher", 3), RECOVERY, "publisher rows re-written")
+    await poll(lambda: _row_count(f.d, "dftx_publisher", 3), RECOVERY, "publisher rows re-written")
 
 
 async def _row_count(d, table, n):

@@ -183,7 +183,7 @@ async def test_two_writers_over_ipc_reach_two_subscribers_each_exactly_its_topic
         services, db, redis_cluster, unique):
     svc = await services()
     # The registration row: role, uri, refreshed.
-    rows = {r.id: r for r in await read_rows(db)}
+    rows = {r.id: r for r in await read_rows(db, NEUTRON_SERVER)}
     me = (await svc.status())["publisher"]["id"]
     assert rows[me].role == NEUTRON_SERVER and rows[me].uri == svc.uri
 
@@ -313,7 +313,7 @@ async def test_killed_service_goes_stale_is_dropped_and_a_restart_is_found(
 
 
 async def _rows(db):
-    return {r.id: r for r in await read_rows(db)}
+    return {r.id: r for r in await read_rows(db, NEUTRON_SERVER)}
 
 
 async def _gone(db, id) -> bool:

@@ -179,7 +179,8 @@ async def test_discovery_takes_the_server_key_from_the_registry_row_and_trusts_t
                        curve_public_key=pub.public_key)
     reg.startService()
     await reg.started
-    assert [r.curve_public_key for r in await read_rows(db)] == [server.public.decode()]
+    assert [r.curve_public_key for r in await read_rows(db, NEUTRON_SERVER)] == [
+        server.public.decode()]
     sub = ZmqPubSub(curve=settings(client)).get_subscriber()
     got = Received()
     await sub.initialize(got)
@@ -386,7 +387,7 @@ async def test_dfpublisher_with_curve_and_a_password_serves_keyed_subscribers_on
         status = await svc.json("/v1/status")
         assert status["curve"]["public_key"] == server_keys.public.decode()
         assert status["curve"]["allowed_client_keys"] == 2
-        rows = {r.id: r for r in await read_rows(db)}
+        rows = {r.id: r for r in await read_rows(db, NEUTRON_SERVER)}
         assert rows[status["publisher"]["id"]].curve_public_key == server_keys.public.decode()
 
         # A controller-side subscriber with its key pair finds it through the
