@@ -63,10 +63,13 @@ from dftx.ha import HA_TOPIC, restart_slots, topology_from_update
 from dftx.http import LATENCY_BUCKETS, counter, gauge
 from dftx.nb import NbApi
 from dftx.own_rows import OwnRows
+from dftx.registry import DFTX_PUBLISHER_TABLE, PUBLISHER_TABLE
 from dftx.redis.slots import SLOTS
 from dftx.service import RoleService
 from dftx.spread import Scope, Spread, spread_window, topics_on_slots
-from dftx.update import DBRESTART, LOCAL_CONTROLLER, PORT_STATUS_TABLE, SEND_ALL_TOPIC, DbUpdate
+from dftx.update import (
+    DBRESTART, LOCAL_CONTROLLER, NEUTRON_SERVER, PORT_STATUS_TABLE, SEND_ALL_TOPIC, DbUpdate,
+)
 
 __all__ = ["CHASSIS_TABLE", "ControllerService", "Options", "makeService", "port_fields"]
 
@@ -107,6 +110,7 @@ class ControllerService(RoleService):
         super().__init__(config, lc.tables, lc.topics, reactor)
         self._spread = Spread(self._spread_resync, self.resync_window, self.reactor, rng)
         self._reannounce_due = False
+        self._rediscover_due = False
         self.chassis = lc.chassis_name
         self.cache = self.mirror.cache
         self.nb: NbApi | None = None
@@ -226,18 +230,23 @@ class ControllerService(RoleService):
 
     def _control(self, update: DbUpdate) -> None:
         """A C{dbrestart} resyncs the topics on the slots it says lost data
-        (all without that) and writes this node's rows again when theirs are
-        among them; a C{sync} resyncs its topic (None: all).  Spread."""
+        (all without that), and writes this node's rows again and reads the
+        publisher registry again when theirs are among them; a C{sync}
+        resyncs its topic (None: all) and reads the registry again.  Spread
+        (see L{resync_window})."""
         if update.action != DBRESTART:
-            self._trigger(None if update.topic is None else {update.topic} & self.mirror.topics)
+            self._trigger(None if update.topic is None else {update.topic} & self.mirror.topics,
+                          rediscover=True)
             return
         lost = restart_slots(update)
         if lost is None:
-            self._trigger(None, own_rows=True)
+            self._trigger(None, own_rows=True, rediscover=True)
         else:
             own = topics_on_slots((CHASSIS_TABLE, PORT_STATUS_TABLE), [SEND_ALL_TOPIC], lost)
+            registry = (topics_on_slots([PUBLISHER_TABLE], [SEND_ALL_TOPIC], lost)
+                        | topics_on_slots([DFTX_PUBLISHER_TABLE], [NEUTRON_SERVER], lost))
             self._trigger(topics_on_slots(self.cache.tables, self.mirror.topics, lost),
-                          own_rows=bool(own))
+                          own_rows=bool(own), rediscover=bool(registry))
 
     def _ha_message(self, update: DbUpdate) -> None:
         """Route by the new topology at once; resync (spread) the topics on
@@ -256,15 +265,17 @@ class ControllerService(RoleService):
             client.apply_topology(topology)
         self._trigger(topics_on_slots(self.cache.tables, self.mirror.topics, moved))
 
-    def _trigger(self, scope: Scope, own_rows: bool = False) -> None:
-        """Resync C{scope} (and write this node's own rows again) after a
-        random delay, merged with any already waiting; nothing when the
-        trigger touched nothing of this node."""
-        if scope is not None and not scope and not own_rows:
+    def _trigger(self, scope: Scope, own_rows: bool = False, rediscover: bool = False) -> None:
+        """Resync C{scope} (write this node's own rows again, read the
+        publisher registry again) after a random delay, merged with any
+        already waiting; nothing when the trigger touched nothing of this
+        node."""
+        if scope is not None and not scope and not own_rows and not rediscover:
             self.counters["resync_triggers_skipped"] += 1
             return
         self.counters["resync_triggers"] += 1
         self._reannounce_due |= own_rows
+        self._rediscover_due |= rediscover
         self._spread.request(scope)
 
     def _spread_resync(self, scope: Scope) -> None:
@@ -273,6 +284,10 @@ class ControllerService(RoleService):
         if self._reannounce_due:
             self._reannounce_due = False
             self._reannounce()
+        if self._rediscover_due:
+            self._rediscover_due = False
+            if self.discovery is not None:
+                self.discovery.refresh()
         if scope is None or scope:
             self.mirror.resync(scope)
 

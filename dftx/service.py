@@ -231,16 +231,19 @@ class RoleService(service.Service):
         """What the subscriber delivers: to discovery (control events and
         table C{publisher}), then control events to L{_control} and the rest
         to the mirror."""
-        if self.discovery is not None and (update.is_control or update.table == PUBLISHER_TABLE):
-            self.discovery.observe(update)
         if update.is_control:
             self._control(update)
-        else:
-            self.mirror.received(update)
+            return
+        if self.discovery is not None and update.table == PUBLISHER_TABLE:
+            self.discovery.observe(update)
+        self.mirror.received(update)
 
     def _control(self, update: DbUpdate) -> None:
-        """A C{dbrestart} or C{sync}: the mirror resyncs at once (the
-        controller, one of a fleet, spreads it)."""
+        """A C{dbrestart} or C{sync}: discovery reads the registry again and
+        the mirror resyncs, at once (the controller, one of a fleet, spreads
+        both)."""
+        if self.discovery is not None:
+            self.discovery.observe(update)
         self.mirror.received(update)
 
     # --- IStatusSource ----------------------------------------------------------------

@@ -445,9 +445,11 @@ async def test_a_dbrestart_naming_lost_slots_resyncs_only_the_topics_on_them():
     svc = fleet.controllers[0]
     await fleet.db.create_key("lport", "silent", "1", topic="t3")
     await fleet.db.create_key("lport", "silent", "1", topic="t1")
-    # Slots of no row it keeps nor of its own rows (chassis, port_status).
+    # Slots of no row it keeps nor of its own rows (chassis, port_status)
+    # nor of the publisher registry rows it reads.
     elsewhere = (set(range(SLOTS)) - pair_slots(svc.cache.tables, {"D", "t1", "t3"})
-                 - {key_slot("{port_status.}")})
+                 - {key_slot("{port_status.}"), key_slot("{publisher.}"),
+                    key_slot("{dftx_publisher.neutron_server}")})
     await fleet.pub.send_event(restart_update(elsewhere))
     assert svc.counters["resync_triggers_skipped"] == 1 and fleet.clock.getDelayedCalls() == []
     await fleet.pub.send_event(restart_update({key_slot("{lport.t3}"), *elsewhere}))
@@ -485,3 +487,36 @@ async def test_a_dbrestart_spreads_the_resyncs_of_20_controllers_over_the_window
     assert max(delays) - min(delays) > window / 2  # not the 1 s minimum: grown with the fleet
     assert all(svc.mirror.counters["resyncs"] == 2 for svc in fleet.controllers)
     assert all(svc.counters["resync_triggers"] == 2 for svc in fleet.controllers)
+
+
+class RefreshLog:
+    """Stands for a controller's Discovery: when it was told to read the registry again."""
+
+    def __init__(self, clock, who, log):
+        self.clock, self.who, self.log = clock, who, log
+
+    def refresh(self):
+        self.log.append((self.who, self.clock.seconds()))
+        return defer.succeed(None)
+
+    def observe(self, update):
+        raise AssertionError(f"a controller passes {update!r} to discovery at once")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dbrestart_spreads_the_registry_reads_of_20_controllers_with_their_resyncs():
+    fleet = Fleet(20, spread=1.0, rate=4)
+    for i in range(20):
+        await fleet.db.create_key("chassis", f"compute{i}", "{}")
+    await fleet.start()
+    refreshes = []
+    for i, svc in enumerate(fleet.controllers):
+        svc.discovery = RefreshLog(fleet.clock, i, refreshes)
+    # Lost slots that hold the registry's rows and nothing of theirs: no
+    # resync, but the registry is read again.
+    await fleet.pub.send_event(restart_update({key_slot("{publisher.}")}))
+    assert refreshes == []  # nobody reads the registry at the instant the trigger arrives
+    fleet.run_timers()
+    assert sorted(who for who, _ in refreshes) == list(range(20))
+    times = [at for _, at in refreshes]
+    assert len(set(times)) == 20 and all(0 < at < 20 / 4 for at in times)
