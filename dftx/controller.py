@@ -162,7 +162,7 @@ class ControllerService(RoleService):
     async def _loaded(self) -> None:
         """Start the periodic resync and the OVSDB monitor."""
         lc = self.settings
-        self._sync_loop = task.LoopingCall(self.resync)
+        self._sync_loop = task.LoopingCall(self.mirror.resync_changed)
         self._sync_loop.clock = self.reactor
         self._sync_loop.start(lc.db_sync_time, now=False)
         self._start_monitor(lc.ovsdb_connection)

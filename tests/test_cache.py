@@ -174,8 +174,8 @@ async def test_mirror_sync_of_one_topic_reads_only_that_topic():
     await db.create_key("lport", "a", "1")
     await db.create_key("lport", "b", "1", topic="t1")
     reads = []
-    real = db.get_all_rows
-    db.get_all_rows = lambda table, topic=None: reads.append(topic) or real(table, topic)
+    real = db.get_topic_rows
+    db.get_topic_rows = lambda table, topic: reads.append(topic) or real(table, topic)
     m.received(DbUpdate.control("sync", "t1"))
     await poll(lambda: m.cache.get("lport", "b", "t1") == "1", 5, "t1 resynced")
     assert reads == ["t1"] and m.cache.get("lport", "a") is None
