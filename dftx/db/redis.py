@@ -19,10 +19,13 @@ increments in the same Lua script, atomically (L{get_topic_versions}).  Its
 name does not start with C{{}, so no scan pattern of rows (dftx's or
 Dragonflow's) matches it.  Writes by other clients do not change it.
 
-Writes: C{create_key} and C{set_key} run one script (GET the old value, SET
-the new one and increment the version when the value changed; C{set_key}
-writes nothing when there is no row), C{delete_key} another (DEL, then
-increment); with C{wait_replicas = N} each write is followed by C{WAIT}.
+Writes (the layout and scripts are in L{dftx.db.redis_keys}): C{create_key}
+and C{set_key} run one script (GET the old value, SET the new one and
+increment the version when the value changed; C{set_key} writes nothing
+when there is no row), C{delete_key} another (DEL, then increment).  While
+the slot is being migrated and its row and version are on different nodes
+(TRYAGAIN), they are two commands: the row's, then the version's.  With
+C{wait_replicas = N} each write is followed by C{WAIT}.
 A write whose connection is lost is sent again (up to C{retries} attempts);
 a write that the master took but that did not reach N replicas is undone
 (the previous value put back, unless someone changed the row since) and
@@ -45,7 +48,7 @@ from dftx.db.redis_keys import (
 from dftx.deferreds import deferred, gather
 from dftx.endpoints import TLSOptions, tls_from_config
 from dftx.errors import (
-    DBConnectionError, DBKeyAmbiguous, DBKeyNotFound, NotReplicated, ProtocolError, ReplyError,
+    ClusterDownError, DBConnectionError, DBKeyAmbiguous, DBKeyNotFound, NotReplicated, ProtocolError, ReplyError,
 )
 from dftx.redis.cluster import ClusterClient
 from dftx.redis.slotread import SlotReader
@@ -181,10 +184,33 @@ class RedisDbDriver:
         try:
             return await self.client.execute(
                 "EVALSHA", script_sha(script), len(keys), *keys, *args, slot=slot, **kwargs)
+        except ClusterDownError as e:
+            if not e.reason.startswith("TRYAGAIN") or script == UNDO:
+                raise
+            return await self._split(script, keys, args, **kwargs)
         except ReplyError as e:
             if e.kind != "NOSCRIPT":
                 raise ProtocolError(f"script: unexpected error reply {e.message!r}", e.node) from None
         return await self._command("EVAL", script, len(keys), *keys, *args, slot=slot, **kwargs)
+
+    async def _split(
+        self, script: str, keys: tuple[str, ...], args: tuple[Any, ...], **kwargs: Any
+    ) -> Any:
+        """A write script as two commands, the row's, then the version's if
+        the row changed: for a slot being migrated, where a command on both
+        keys meets TRYAGAIN while one of them has moved and the other not."""
+        (row, version), slot = keys, key_slot(keys[0])
+        if script == DELETE:
+            reply = await self._command("DEL", row, slot=slot, **kwargs)
+            changed = reply == 1
+        else:
+            value, xx = args
+            reply = await self._command("SET", row, value, *([xx] if xx else []), "GET",
+                                        slot=slot, **kwargs)
+            changed = reply != value.encode("utf-8") and not (xx and reply is None)
+        if changed:
+            await self._command("INCR", version, slot=slot)
+        return reply
 
     # --- lookups and listings ------------------------------------------------------
 
