@@ -185,17 +185,15 @@ class Mirror:
 
     Feed it every update the subscriber delivers (L{received}): rows are
     applied, a C{dbrestart} resyncs everything and a C{sync} its topic.
-    L{resync} diffs the cache against the database and applies only the
-    differences; it reads each kept (table, topic) pair with
-    L{dftx.db.api.INbDbDriver.get_topic_rows} (on Redis: that topic's slot,
-    never a SCAN).  L{resync_changed}, the periodic safety resync, first
-    checks every pair's version (L{get_topic_versions}) and reads only the
-    pairs that changed since this mirror last read them.  Resync requests
-    that arrive while one runs are merged into the next run; a resync that
-    fails (the database unreachable during a failover) is retried after a
-    delay that doubles up to C{max_delay} seconds.  Every real change goes
-    to the observers.  C{clock} times the retries (default: the global
-    reactor, for an embedding application that does not give one).
+    L{resync} reads each kept (table, topic) pair (L{get_topic_rows}: on
+    Redis that topic's slot, never a SCAN) and applies only the differences;
+    L{resync_changed}, the periodic one, reads only the pairs whose version
+    (L{get_topic_versions}) moved since this mirror last read them.  Resync
+    requests that arrive while one runs are merged into the next run; a
+    resync that fails (the database unreachable during a failover) is
+    retried after a delay that doubles up to C{max_delay} seconds.  Every
+    real change goes to the observers.  C{clock} times the retries (default:
+    the global reactor, for an embedding application that does not give one).
 
     @ivar counters: C{changes}, C{resyncs}, C{resync_errors},
         C{resync_changes}, C{observer_errors}; C{pairs_read} (topic reads
