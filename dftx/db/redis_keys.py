@@ -20,14 +20,16 @@ _GLOB = frozenset("*?[]\\")
 
 # KEYS: row, version; ARGV: value, "XX" (write only over a row) or "".
 # Returns the old value (nil: there was none).  The version moves only when
-# the row changes.
+# the row changed.
 WRITE = """
-local old = redis.call('GET', KEYS[1])
-if old == false and ARGV[2] == 'XX' then return false end
-if old ~= ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1])
-  redis.call('INCR', KEYS[2])
+local old
+if ARGV[2] == 'XX' then
+  old = redis.call('SET', KEYS[1], ARGV[1], 'XX', 'GET')
+  if old == false then return false end
+else
+  old = redis.call('SET', KEYS[1], ARGV[1], 'GET')
 end
+if old ~= ARGV[1] then redis.call('INCR', KEYS[2]) end
 return old
 """
 # KEYS: row, version.  Returns how many rows were deleted.
