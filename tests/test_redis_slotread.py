@@ -101,6 +101,9 @@ async def test_reads_and_writes_during_a_migration_and_with_a_stale_map(
         # Half the rows on each side, the version on the target.
         await redis_cluster.move_keys(slot, src, dst, [version, *keys[::2]])
         assert dict(await driver.get_topic_rows(unique, "t1")) == rows
+        empty = next(t for t in (f"e{i}" for i in range(10 ** 6))
+                     if key_slot(row_key(unique, "", t)) == slot)  # a topic of the slot
+        assert await driver.get_topic_rows(unique, empty) == []
         fallbacks = replica_reader.client.stats["replica_fallbacks"]
         assert dict(await replica_reader.get_topic_rows(unique, "t1")) == rows
         assert replica_reader.client.stats["replica_fallbacks"] == fallbacks + 1

@@ -144,7 +144,8 @@ class SlotReader:
             raise ClusterDownError(None, "no node serves the slot", slot)
         outcome = await self._from_master(node, slot, probe, keep, extra)
         if isinstance(outcome, ReplyError) and outcome.kind in ("ASK", "TRYAGAIN"):
-            return await self._migrating(node, slot, probe, keep, extra) or outcome
+            found = await self._migrating(node, slot, probe, keep, extra)
+            return outcome if found is None else found
         return outcome
 
     async def _from_master(
