@@ -199,3 +199,18 @@ async def test_writes_load_their_scripts_where_a_node_lacks_them(redis_cluster, 
     scripts = {k: n for k, n in (await sent(masters, before)).items() if "eval" in k[1]}
     assert scripts == {(owner, "evalsha"): 2, (owner, "eval"): 1}
     assert await driver.get_key(unique, "k", topic="t1") == "v2"
+
+
+@aio
+async def test_rows_stay_what_dragonflows_driver_reads_and_writes(redis_cluster, driver, unique):
+    # A row as Dragonflow's driver writes it (plain SET, no version): read.
+    df_row = row_key(unique, "df-port", "t1")
+    await driver.client.execute("SET", df_row, '{"id": "df-port"}', slot=key_slot(df_row))
+    await driver.create_key(unique, "dftx-port", '{"id": "dftx-port"}', topic="t1")
+    assert sorted(await driver.get_topic_rows(unique, "t1")) == [
+        ("df-port", '{"id": "df-port"}'), ("dftx-port", '{"id": "dftx-port"}')]
+    # Dragonflow's scans ({table.*, {table.topic}*) match rows, never versions.
+    for pattern in ("{" + unique + ".*", "{" + unique + ".t1}*"):
+        assert await driver.client.scan(pattern.encode()) == {
+            df_row.encode(), row_key(unique, "dftx-port", "t1").encode()}
+    assert (await driver.get_topic_versions([(unique, "t1")]))[unique, "t1"] == 1
