@@ -328,13 +328,9 @@ class ClusterClient:
         return target
 
     def retry_pause(self, attempt: int) -> defer.Deferred[None]:
-        """
-        Before attempt number C{attempt} (2 or more) of something that
-        failed: counted in C{stats["retries"]}, a backoff, then a refresh of
-        the map unless one ran just now (its errors logged).
-
-        @return: Deferred firing with None when it is time to try again.
-        """
+        """Before attempt C{attempt} (2 or more) of something that failed:
+        counted in C{stats["retries"]}, a backoff, then a map refresh unless
+        one just ran.  @return: Deferred firing with None: try again."""
         self.stats["retries"] += 1
         return self._sleep(attempt).addCallback(lambda _: self._map.refresh_recent())
 
