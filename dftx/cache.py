@@ -45,6 +45,8 @@ Observer = Callable[[DbUpdate], Any]
 
 RowId = tuple[str | None, str]  # (topic, key)
 Scope = frozenset[str | None]  # topics, None for rows without topic
+Pair = tuple[str, str | None]  # (table, topic)
+_CHANGED = object()  # in a resync's scope: check the other kept topics' versions
 
 
 def row_topic(topic: str | None) -> str | None:
@@ -136,31 +138,36 @@ class LocalCache:
         return snap
 
     def reconcile(
-        self, snap: Snapshot, db_rows: dict[str, Iterable[tuple[str | None, str, str]]]
+        self, snap: Snapshot, db_rows: dict[str, Iterable[tuple[str | None, str, str]]],
+        read: Iterable[tuple[str, str | None]] | None = None,
     ) -> list[DbUpdate]:
         """
         End the resync C{snap}: make the rows of its topics equal to
         C{db_rows} (table -> C{(topic, key, value)} as
         L{dftx.db.api.INbDbDriver.get_all_rows} gives them; rows of other
         topics are ignored), except rows updated since the snapshot began.
+        With C{read}, only those C{(table, topic)} pairs are made equal
+        (the others were not read).
 
         @return: the changes made.
         """
         self._snapshots.remove(snap)
+        pairs = None if read is None else {(t, row_topic(p)) for t, p in read}
         changes: list[DbUpdate | None] = []
         for table, found in db_rows.items():
             if table not in self.tables:
                 continue
+            scope = {t for t in snap.scope if pairs is None or (table, t) in pairs}
             wanted = {
                 (t, key): value
                 for t, key, value in ((row_topic(t), k, v) for t, k, v in found)
-                if t in snap.scope and (table, t, key) not in snap.touched
+                if t in scope and (table, t, key) not in snap.touched
             }
             for (topic, key), value in wanted.items():
                 changes.append(self._put(table, topic, key, value))
             for topic, key in [
                 r for r in self._rows[table]
-                if r[0] in snap.scope and r not in wanted
+                if r[0] in scope and r not in wanted
                 and (table, r[0], r[1]) not in snap.touched
             ]:
                 changes.append(self._remove(table, topic, key))
@@ -178,19 +185,21 @@ class Mirror:
 
     Feed it every update the subscriber delivers (L{received}): rows are
     applied, a C{dbrestart} resyncs everything and a C{sync} its topic.
-    L{resync} diffs the cache against the database (one L{get_all_rows}
-    per table, which a Redis driver serves with one SCAN and per-slot
-    batches) and applies only the differences.  Resync requests that
-    arrive while one runs are merged into the next run; a resync that fails
-    (the database unreachable during a failover) is retried after a delay
-    that doubles up to C{max_delay} seconds.  Every real change goes to the
-    observers.  C{clock} times the retries (default: the global reactor,
-    for an embedding application that does not give one) and the resyncs:
-    C{on_resync}, when given, is called after each one with its duration in
-    seconds and whether it succeeded (metrics).
+    L{resync} reads each kept (table, topic) pair (L{get_topic_rows}: on
+    Redis that topic's slot, never a SCAN) and applies only the differences;
+    L{resync_changed}, the periodic one, reads only the pairs whose version
+    (L{get_topic_versions}) moved since this mirror last read them.  Resync
+    requests that arrive while one runs are merged into the next run; a
+    resync that fails (the database unreachable during a failover) is
+    retried after a delay that doubles up to C{max_delay} seconds.  Every
+    real change goes to the observers.  C{clock} times the retries (default:
+    the global reactor, for an embedding application that does not give one)
+    and the resyncs: C{on_resync}, when given, is called after each one with
+    its duration in seconds and whether it succeeded (metrics).
 
     @ivar counters: C{changes}, C{resyncs}, C{resync_errors},
-        C{resync_changes}, C{observer_errors}.
+        C{resync_changes}, C{observer_errors}; C{pairs_read} (topic reads
+        done) and C{pairs_skipped} (pairs a periodic resync found unchanged).
     """
 
     def __init__(self, db: Any, tables: Iterable[str], topics: Iterable[str] = (),
@@ -204,6 +213,7 @@ class Mirror:
         self.topics: set[str] = {SEND_ALL_TOPIC, *topics}
         self.counters: Counter[str] = Counter()
         self._observers: list[Observer] = []
+        self._versions: dict[Pair, int] = {}  # as of the last read of each pair
         self._resync = _Coalesced(self._resync_once, clock, max_delay=max_delay)
 
     def add_observer(self, observer: Observer) -> None:
@@ -236,6 +246,8 @@ class Mirror:
         if topic == SEND_ALL_TOPIC:
             raise ValueError(f"topic {SEND_ALL_TOPIC!r} is always kept")
         self.topics.discard(topic)
+        for table in self.cache.tables:
+            self._versions.pop((table, topic), None)
         self._changed(self.cache.reconcile(self.cache.snapshot([topic]), {
             t: [] for t in self.cache.tables}))
 
@@ -249,32 +261,51 @@ class Mirror:
         """
         return self._resync.request(None if topics is None else {row_topic(t) for t in topics})
 
+    def resync_changed(self) -> defer.Deferred[None]:
+        """
+        The periodic safety resync: check the version of every kept (table,
+        topic) pair and read only those whose version moved since this
+        mirror last read them (pairs asked for by a L{resync} meanwhile are
+        read anyway).
+
+        @return: Deferred firing once a run that began after this call has
+            ended (it never fails: a failed read is retried).
+        """
+        return self._resync.request({_CHANGED})
+
     def close(self) -> defer.Deferred[None]:
         """Stop resyncing.  @return: Deferred firing once none runs."""
         return self._resync.idle()
 
-    async def _resync_once(self, scope: set[str | None] | None) -> None:
+    async def _resync_once(self, scope: set[Any] | None) -> None:
         kept = {row_topic(t) for t in self.topics}
-        topics = kept if scope is None else scope & kept
-        if not topics:
+        full = kept if scope is None else scope & kept
+        checked = kept - full if scope is not None and _CHANGED in scope else set()
+        topics = sorted(full | checked, key=lambda t: (t is not None, t or ""))
+        pairs = [(table, topic) for table in sorted(self.cache.tables) for topic in topics]
+        if not pairs:
             return
-        snap = self.cache.snapshot(topics)
-        only = next(iter(topics)) if len(topics) == 1 else None
-        tables = sorted(self.cache.tables)
+        snap = self.cache.snapshot(full | checked)
         started = self.clock.seconds()
         try:
-            found = await gather(self.db.get_all_rows(t, only) for t in tables)
+            versions = await self.db.get_topic_versions(pairs)
+            read = [p for p in pairs if p[1] in full or versions[p] != self._versions.get(p)]
+            found = await gather(self.db.get_topic_rows(*p) for p in read)
         except Exception:
             self.cache.abandon(snap)
             self.counters["resync_errors"] += 1
             self._timed(started, False)
             raise
-        changes = self.cache.reconcile(snap, dict(zip(tables, found)))
-        self.counters["resyncs"] += 1
-        self.counters["resync_changes"] += len(changes)
+        db_rows: dict[str, list[tuple[str | None, str, str]]] = {}
+        for (table, topic), rows in zip(read, found):
+            db_rows.setdefault(table, []).extend((topic, k, v) for k, v in rows)
+        changes = self.cache.reconcile(snap, db_rows, read)
+        self._versions.update((p, versions[p]) for p in read)
+        self.counters.update(resyncs=1, resync_changes=len(changes), pairs_read=len(read),
+                             pairs_skipped=len(pairs) - len(read))
         if changes:
             log.info("resync of {topics}: {n} changes", n=len(changes),
-                     topics=sorted(t or SEND_ALL_TOPIC for t in topics))
+                     topics=sorted({t or SEND_ALL_TOPIC for _, t in read}))
         self._timed(started, True)
         self._changed(changes)
 

@@ -100,6 +100,12 @@ class RedisSettings:
         0, integer(0),
         "Replicas each write waits for (Redis WAIT) before it is acknowledged.",
         "integer >= 0")
+    read_from_replicas: bool = option(
+        False, boolean,
+        "Serve reads of one topic's rows (every resync of a controller's cache) and the "
+        "periodic resync's version checks from a replica of the slot's master (READONLY), "
+        "so masters keep taking writes; a read falls back to the master when no replica "
+        "answers. A replica may lag its master: see doc/design.md.", "boolean")
     username: str = option(
         "", optional_text, "Redis 6+ ACL user for AUTH (empty: the default user).", "text")
     password: str = option(

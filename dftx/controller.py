@@ -7,7 +7,8 @@ its chassis row (table C{chassis}, key C{chassis_name}, value JSON
 C{{"id", "ip"}}), registers that publisher (with ZeroMQ, also finding the
 publisher services through table C{publisher}), subscribes to C{"D"}, the
 configured tenant topics and the HA topic, and loads every table it serves
-into its L{LocalCache} (one SCAN and per-slot batches per table).  It is
+into its L{LocalCache} (per table, one read of each topic's slot: "D" and
+its tenant topics).  It is
 ready (C{/healthz} 200) once subscribed and loaded.
 
 Updates are applied to the cache in the order they arrive (per publisher
@@ -194,7 +195,7 @@ class ControllerService(RoleService):
     async def _loaded(self) -> None:
         """Start the periodic resync and the OVSDB monitor."""
         lc = self.settings
-        self._sync_loop = task.LoopingCall(self.resync)
+        self._sync_loop = task.LoopingCall(self.mirror.resync_changed)
         self._sync_loop.clock = self.reactor
         self._sync_loop.start(lc.db_sync_time, now=False)
         self._start_monitor(lc.ovsdb_connection)
@@ -331,7 +332,7 @@ class ControllerService(RoleService):
     @deferred
     async def _mark_gone_ports_down(self) -> None:
         present = {e.iface_id for e in self.ports.values() if e.kind == "vm" and e.iface_id}
-        for _, key, value in await self.db.get_all_rows(PORT_STATUS_TABLE):
+        for key, value in await self.db.get_topic_rows(PORT_STATUS_TABLE, None):
             try:
                 row = json.loads(value)
             except ValueError:

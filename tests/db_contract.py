@@ -233,3 +233,71 @@ class DbDriverContract:
         await driver.create_key(unique, "k", "v", topic="")
         assert await driver.get_key(unique, "k", topic=None) == "v"
         assert await driver.get_all_keys(unique, topic="") == ["k"]
+
+    @aio
+    async def test_topic_rows_are_the_rows_of_exactly_one_topic(self, driver, unique):
+        await driver.create_key(unique, "a", "va", topic="t1")
+        await driver.create_key(unique, "b", "vb", topic="t1")
+        await driver.create_key(unique, "a", "other", topic="t10")  # a topic t1 prefixes
+        await driver.create_key(unique, "c", "vc", topic="t2")
+        await driver.create_key(unique, "d", "vd")
+        await driver.create_key(unique, "a", "no topic")
+        await driver.create_key(unique + "x", "z", "other table", topic="t1")
+        await driver.create_key("x" + unique, "z", "other table", topic="t1")
+        assert sorted(await driver.get_topic_rows(unique, "t1")) == [("a", "va"), ("b", "vb")]
+        assert sorted(await driver.get_topic_rows(unique, None)) == [("a", "no topic"), ("d", "vd")]
+        assert sorted(await driver.get_topic_rows(unique, "")) == [("a", "no topic"), ("d", "vd")]
+        assert await driver.get_topic_rows(unique, "t3") == []
+        assert await driver.get_topic_rows(unique + "y", None) == []
+        await driver.delete_key(unique, "a", topic="t1")
+        assert await driver.get_topic_rows(unique, "t1") == [("b", "vb")]
+        err = await _raises(InvalidNameError, driver.get_topic_rows(unique, "a}"))
+        assert err.kind == "topic"
+        await _raises(InvalidNameError, driver.get_topic_rows("a.b", None))
+
+    @aio
+    async def test_topic_rows_of_a_large_topic_with_odd_names(self, driver, unique):
+        table = unique + "*?[a]\\-tablé"
+        many = {f"k{i}": f"v{i}" for i in range(1200)}
+        many.update({"{k}[x]": "braces", "ключ-🔑": "värde ✓ 値", "*": "star"})
+        await defer.gatherResults([driver.create_key(table, k, v, topic="租户")
+                                   for k, v in many.items()])
+        await driver.create_key(table, "k1", "decoy", topic="租户x")
+        rows = await driver.get_topic_rows(table, "租户")
+        assert dict(rows) == many and len(rows) == len(many)
+        assert sorted(await driver.get_all_rows(table, topic="租户")) == sorted(
+            ("租户", k, v) for k, v in many.items())
+
+    @aio
+    async def test_topic_versions_move_with_every_change_of_their_rows(self, driver, unique):
+        t1, none, t2 = (unique, "t1"), (unique, None), (unique, "t2")
+
+        async def versions():
+            return await driver.get_topic_versions([t1, none, t2])
+
+        assert await versions() == {t1: 0, none: 0, t2: 0}
+        await driver.create_key(unique, "a", "1", topic="t1")
+        v = await versions()
+        assert v[t1] != 0 and v[none] == v[t2] == 0
+
+        async def moved(change, *pairs):
+            before = await versions()
+            await change()
+            after = await versions()
+            assert {p for p in after if after[p] != before[p]} == set(pairs)
+
+        await moved(lambda: driver.create_key(unique, "a", "2", topic="t1"), t1)
+        await moved(lambda: driver.create_key(unique, "a", "2", topic="t1"))  # the same value
+        await moved(lambda: driver.set_key(unique, "a", "3"), t1)  # found under t1
+        await moved(lambda: driver.set_key(unique, "a", "3", topic="t1"))
+        await _raises(DBKeyNotFound, moved(lambda: driver.set_key(unique, "no", "x", topic="t2")))
+        await moved(lambda: driver.create_key(unique + "x", "a", "1", topic="t1"))  # other table
+        await moved(lambda: driver.create_key(unique, "d", "1"), none)
+        await moved(lambda: driver.create_key(unique, "c", "1", topic="t2"), t2)
+        await moved(lambda: driver.delete_key(unique, "a"), t1)
+        await _raises(DBKeyNotFound, moved(lambda: driver.delete_key(unique, "a")))
+        await moved(lambda: driver.delete_table(unique), none, t2)
+        same = await driver.get_topic_versions([(unique, ""), (unique, None)])
+        assert same[(unique, "")] == same[(unique, None)] != 0
+        assert await driver.get_topic_versions([]) == {}
+        await _raises(InvalidNameError, driver.get_topic_versions([(unique, "a{")]))

@@ -81,6 +81,20 @@ def test_rows_updated_during_the_read_keep_the_update():
     assert c.reconcile(c.snapshot([None]), {"lport": [(None, "b", "2")]}) == [u(DELETE, "c")]
 
 
+def test_reconcile_of_some_pairs_leaves_the_others_alone():
+    c = LocalCache(["lport", "lswitch"])
+    for table in ("lport", "lswitch"):
+        c.apply(u(CREATE, "a", "1", table=table))
+        c.apply(u(CREATE, "b", "1", topic="t1", table=table))
+    snap = c.snapshot([None, "t1"])
+    # Only (lport, D) and (lswitch, t1) were read; both found empty.
+    changes = c.reconcile(snap, {"lport": [], "lswitch": []},
+                          read=[("lport", "D"), ("lswitch", "t1")])
+    assert sorted(changes, key=lambda c: c.table) == [
+        u(DELETE, "a"), u(DELETE, "b", topic="t1", table="lswitch")]
+    assert c.rows("lport") == {("t1", "b"): "1"} and c.rows("lswitch") == {(None, "a"): "1"}
+
+
 def test_abandon_ends_a_snapshot():
     c = LocalCache(["lport"])
     snap = c.snapshot([None])
@@ -174,8 +188,8 @@ async def test_mirror_sync_of_one_topic_reads_only_that_topic():
     await db.create_key("lport", "a", "1")
     await db.create_key("lport", "b", "1", topic="t1")
     reads = []
-    real = db.get_all_rows
-    db.get_all_rows = lambda table, topic=None: reads.append(topic) or real(table, topic)
+    real = db.get_topic_rows
+    db.get_topic_rows = lambda table, topic: reads.append(topic) or real(table, topic)
     m.received(DbUpdate.control("sync", "t1"))
     await poll(lambda: m.cache.get("lport", "b", "t1") == "1", 5, "t1 resynced")
     assert reads == ["t1"] and m.cache.get("lport", "a") is None
@@ -218,3 +232,98 @@ async def test_mirror_resync_retries_while_the_database_is_unreachable(redis_sin
     finally:
         await m.close()
         await db.close()
+
+
+class Reads:
+    """Counts a memory driver's topic reads and version checks."""
+
+    def __init__(self, db):
+        self.rows, self.checks = [], 0
+        real_rows, real_versions = db.get_topic_rows, db.get_topic_versions
+
+        def rows(table, topic):
+            self.rows.append((table, topic))
+            return real_rows(table, topic)
+
+        def versions(pairs):
+            pairs = list(pairs)
+            self.checks += len(pairs)
+            return real_versions(pairs)
+
+        db.get_topic_rows, db.get_topic_versions = rows, versions
+
+    def take(self):
+        rows, checks, self.rows, self.checks = sorted(self.rows, key=str), self.checks, [], 0
+        return rows, checks
+
+
+@aio
+async def test_the_periodic_resync_reads_only_the_pairs_that_changed():
+    db = MemoryDbDriver()
+    await db.create_key("lport", "a", "1")
+    await db.create_key("lport", "b", "1", topic="t1")
+    await db.create_key("lport", "c", "1", topic="t9")  # not kept
+    m = Mirror(db, ["lport", "lswitch"], topics=["t1", "t2"])
+    reads = Reads(db)
+    await m.resync()
+    pairs = [(t, p) for t in ("lport", "lswitch") for p in (None, "t1", "t2")]
+    assert reads.take() == (sorted(pairs, key=str), 6)
+    assert m.cache.values("lport") == {"a": "1", "b": "1"}
+
+    await m.resync_changed()
+    assert reads.take() == ([], 6)
+    assert (m.counters["pairs_read"], m.counters["pairs_skipped"]) == (6, 6)
+
+    # Written, but its update lost: only that pair is read.
+    await db.create_key("lport", "x", "1", topic="t1")
+    await db.create_key("lport", "y", "1", topic="t9")
+    await m.resync_changed()
+    assert reads.take() == ([("lport", "t1")], 6)
+    assert m.cache.get("lport", "x", "t1") == "1" and m.counters["pairs_skipped"] == 11
+
+    # An explicit resync reads its topics even when nothing changed, and
+    # a periodic one asked for meanwhile merges into the next run.
+    checked, gate = db.get_topic_versions, defer.Deferred()
+
+    def held(pairs):  # the first run waits until the others are asked for
+        db.get_topic_versions = checked
+        return gate.addCallback(lambda _: checked(pairs))
+
+    db.get_topic_versions = held
+    first = m.resync(["t2"])
+    merged = [m.resync(["D"]), m.resync_changed()]
+    gate.callback(None)
+    await defer.gatherResults([first, *merged])
+    assert reads.take() == (sorted([("lport", "t2"), ("lswitch", "t2"), ("lport", None),
+                                    ("lswitch", None)], key=str), 2 + 6)
+    assert m.counters["resyncs"] == 5
+
+    # A topic dropped and kept again is read again.
+    m.remove_topic("t2")
+    await db.create_key("lswitch", "s", "1", topic="t2")
+    await m.add_topic("t2")
+    assert reads.take()[0] == [("lport", "t2"), ("lswitch", "t2")]
+    await m.resync_changed()
+    assert reads.take() == ([], 6)
+    await m.close()
+
+
+@aio
+async def test_a_failed_periodic_read_is_read_again():
+    db = MemoryDbDriver()
+    m = Mirror(db, ["lport"], max_delay=0.01)
+    await m.resync()
+    await db.create_key("lport", "a", "1")
+    real = db.get_topic_rows
+    failures = [1]
+
+    def flaky(table, topic):
+        if failures:
+            failures.pop()
+            return defer.fail(ConnectionError("down"))
+        return real(table, topic)
+
+    db.get_topic_rows = flaky
+    await m.resync_changed()
+    assert m.counters["resync_errors"] == 1 and m.cache.get("lport", "a") == "1"
+    await m.close()

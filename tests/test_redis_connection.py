@@ -152,3 +152,28 @@ async def test_a_connection_lost_during_auth(redis_single, unhandled):
         redis_single.resume()
         await conn.close()
     assert unhandled == []
+
+
+@aio
+async def test_a_readonly_connection_reads_from_a_replica_across_reconnections(
+        redis_cluster, unique):
+    key = "{" + unique + "}k"
+    slot = await redis_cluster.keyslot(key)
+    master = await redis_cluster.owner(slot)
+    [replica] = await redis_cluster.replicas_of(master)
+    await master.cli("SET", key, "v")
+    plain, readonly = connect(replica), connect(replica, readonly=True)
+    sessions: list = []
+    readonly.on_connected(sessions.append)
+    try:
+        moved = await plain.execute("GET", key)
+        assert isinstance(moved, ReplyError) and moved.kind == "MOVED"
+        await poll(lambda: readonly.execute("GET", key).addCallback(lambda v: v == b"v"),
+                   10, "the replica serving the key")
+        await replica.cli("CLIENT", "KILL", "TYPE", "normal")  # both connections
+        await poll(lambda: len(sessions) == 2 and readonly.connected, 10, "reconnected")
+        assert await readonly.execute("GET", key) == b"v"
+        assert isinstance(await plain.execute("GET", key), ReplyError)
+    finally:
+        await plain.close()
+        await readonly.close()

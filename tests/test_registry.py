@@ -439,9 +439,9 @@ async def test_discovery_stopped_during_a_read_ignores_what_it_read():
     pending = []
 
     class Slow(MemoryDbDriver):
-        def get_all_rows(self, table, topic=None):
+        def get_topic_rows(self, table, topic):
             d = defer.Deferred()
-            pending.append((d, super().get_all_rows(table, topic)))
+            pending.append((d, super().get_topic_rows(table, topic)))
             return d
 
     db, clock = Slow(), task.Clock()
@@ -732,8 +732,6 @@ async def test_discovery_reads_only_the_other_roles_rows_not_more_with_more_cont
         await db.close()
 
 
-@pytest.mark.xfail(strict=True, reason="table publisher's topic-less rows are read with a "
-                   "SCAN until the NB drivers read one topic's slot (get_topic_rows)")
 @pytest_twisted.ensureDeferred
 async def test_discovery_reads_issue_no_scan(redis_cluster):
     db = await fleet(redis_cluster, 5)

@@ -140,6 +140,32 @@ class INbDbDriver(Interface):
             missing table.
         """
 
+    def get_topic_rows(table, topic):
+        """
+        The rows of exactly one topic: C{topic} None (or C{""}) means the
+        rows without topic, not every topic as for L{get_all_rows}.  For a
+        mirror that keeps some topics of a table: on Redis it costs what it
+        returns, however large the database.
+
+        @return: Deferred firing with a list of C{(key, value)} tuples, in
+            no particular order; C{[]} when there are none.
+        """
+
+    def get_topic_versions(pairs):
+        """
+        A cheap check of which topics changed, for a periodic resync that
+        reads only those: the version of each C{(table, topic)} pair of
+        C{pairs} (topic None or C{""}: the rows without topic).  A pair's
+        version changes with every write through a driver of this kind
+        that changes one of its rows (create, set, delete, delete_table,
+        an undo), and only then; writes by other clients of the database
+        (Dragonflow's own driver) do not change it.  Read it before the
+        rows it vouches for: rows read after it are at least that recent.
+
+        @return: Deferred firing with a dict from each pair (as given) to
+            an int; 0 for a pair never written.
+        """
+
     def allocate_unique_key(table):
         """
         @return: Deferred firing with an int that no other call for C{table},

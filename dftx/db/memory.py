@@ -6,7 +6,8 @@ applications that need no shared database).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
+from typing import Iterable
 
 from zope.interface import implementer
 
@@ -32,6 +33,7 @@ class MemoryDbDriver:
     def __init__(self) -> None:
         self._tables: _Rows = {}
         self._counters: defaultdict[str, int] = defaultdict(int)
+        self._versions: Counter[tuple[str, str | None]] = Counter()
 
     @deferred
     async def initialize(self) -> None:
@@ -45,7 +47,8 @@ class MemoryDbDriver:
     async def create_key(self, table: str, key: str, value: str, topic: str | None = None) -> None:
         topic = check_names(table, key, topic)
         check_value(value)
-        self._tables.setdefault(table, {}).setdefault(key, {})[topic] = value
+        topics = self._tables.setdefault(table, {}).setdefault(key, {})
+        self._put(table, topics, topic, value)
 
     @deferred
     async def get_key(self, table: str, key: str, topic: str | None = None) -> str:
@@ -56,12 +59,13 @@ class MemoryDbDriver:
     async def set_key(self, table: str, key: str, value: str, topic: str | None = None) -> None:
         check_value(value)
         topics, topic = self._find(table, key, topic)
-        topics[topic] = value
+        self._put(table, topics, topic, value)
 
     @deferred
     async def delete_key(self, table: str, key: str, topic: str | None = None) -> None:
         topics, topic = self._find(table, key, topic)
         del topics[topic]
+        self._versions[table, topic] += 1
         if not topics:
             del self._tables[table][key]
 
@@ -78,6 +82,18 @@ class MemoryDbDriver:
         return self._rows(table, topic)
 
     @deferred
+    async def get_topic_rows(self, table: str, topic: str | None) -> list[tuple[str, str]]:
+        topic = check_names(table, topic=topic)
+        return [(key, topics[topic]) for key, topics in self._tables.get(table, {}).items()
+                if topic in topics]
+
+    @deferred
+    async def get_topic_versions(
+        self, pairs: Iterable[tuple[str, str | None]]
+    ) -> dict[tuple[str, str | None], int]:
+        return {(t, p): self._versions[t, check_names(t, topic=p)] for t, p in pairs}
+
+    @deferred
     async def allocate_unique_key(self, table: str) -> int:
         check_names(table)
         self._counters[table] += 1
@@ -91,7 +107,15 @@ class MemoryDbDriver:
     @deferred
     async def delete_table(self, table: str) -> None:
         check_names(table)
-        self._tables.pop(table, None)
+        for topics in self._tables.pop(table, {}).values():
+            self._versions.update((table, topic) for topic in topics)
+
+    def _put(self, table: str, topics: dict[str | None, str], topic: str | None,
+             value: str) -> None:
+        """Store a row's value; its topic's version moves if it changed."""
+        if topics.get(topic) != value:
+            topics[topic] = value
+            self._versions[table, topic] += 1
 
     def _find(
         self, table: str, key: str, topic: str | None

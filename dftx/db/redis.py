@@ -3,13 +3,29 @@ The NB database on Redis Cluster (or one non-cluster Redis server).
 
 Rows are plain Redis strings at C{{table.topic}key} (C{{table.}key} without
 topic): the hash tag keeps one tenant's rows of a table in one slot, and
-C{redis-cli -c GET} reads them.  Lookups without a topic, and the listing
-and deleting of tables, SCAN every master for the table's pattern, then read
-or delete in batches of keys that share a slot (MGET/DEL), all batches in
-flight at once over the one connection per node.
+C{redis-cli -c GET} reads them.  A read of one topic's rows
+(L{RedisDbDriver.get_topic_rows}, and C{get_all_*} given a topic) lists
+that slot's keys and reads those of the topic (L{dftx.redis.slotread}), so
+it costs what it returns, however large the database; with
+C{read_from_replicas} it is served by a replica of the slot's master.
+Lookups without a topic, and the listing and deleting of whole tables,
+SCAN every master for the table's pattern, then read or delete in batches
+of keys that share a slot (MGET/DEL), all batches in flight at once over
+the one connection per node.
 
-Writes: C{create_key} is C{SET key value GET} and C{set_key} is C{SET key
-value XX GET}; with C{wait_replicas = N} each write is followed by C{WAIT}.
+Each (table, topic) has a version, C{~v{table.topic}}: a counter in the
+same slot as the rows, which every write of this driver that changes a row
+increments in the same Lua script, atomically (L{get_topic_versions}).  Its
+name does not start with C{{}, so no scan pattern of rows (dftx's or
+Dragonflow's) matches it.  Writes by other clients do not change it.
+
+Writes (the layout and scripts are in L{dftx.db.redis_keys}): C{create_key}
+and C{set_key} run one script (GET the old value, SET the new one and
+increment the version when the value changed; C{set_key} writes nothing
+when there is no row), C{delete_key} another (DEL, then increment).  While
+the slot is being migrated and its row and version are on different nodes
+(TRYAGAIN), they are two commands: the row's, then the version's.  With
+C{wait_replicas = N} each write is followed by C{WAIT}.
 A write whose connection is lost is sent again (up to C{retries} attempts);
 a write that the master took but that did not reach N replicas is undone
 (the previous value put back, unless someone changed the row since) and
@@ -20,59 +36,27 @@ was done.  A delete is not undone.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from twisted.internet import defer
 from zope.interface import implementer
 
 from dftx.db.api import INbDbDriver, check_names, check_value
+from dftx.db.redis_keys import (
+    DELETE, UNDO, UNIQUE_KEY_TABLE, WRITE, glob, parse, row_key, script_sha, version_key,
+)
 from dftx.deferreds import deferred, gather
 from dftx.endpoints import TLSOptions, tls_from_config
 from dftx.errors import (
-    DBConnectionError, DBKeyAmbiguous, DBKeyNotFound, NotReplicated, ProtocolError, ReplyError,
+    ClusterDownError, DBConnectionError, DBKeyAmbiguous, DBKeyNotFound, NotReplicated, ProtocolError, ReplyError,
 )
 from dftx.redis.cluster import ClusterClient
+from dftx.redis.slotread import SlotReader
 from dftx.redis.slots import key_slot
 
-__all__ = ["UNIQUE_KEY_TABLE", "RedisDbDriver", "row_key"]
+__all__ = ["UNIQUE_KEY_TABLE", "RedisDbDriver", "row_key", "version_key"]
 
-UNIQUE_KEY_TABLE = "unique_key"
 _BATCH = 500
-_GLOB = frozenset("*?[]\\")
-
-# Put the old value back only if the row still holds the value we wrote.
-_UNDO = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  if ARGV[2] == '1' then redis.call('SET', KEYS[1], ARGV[3])
-  else redis.call('DEL', KEYS[1]) end
-  return 1
-end
-return 0
-"""
-
-
-def row_key(table: str, key: str, topic: str | None) -> str:
-    """The Redis key of a row: C{{table.topic}key}."""
-    return f"{{{table}.{topic or ''}}}{key}"
-
-
-def _glob(text: str) -> str:
-    return "".join("\\" + c if c in _GLOB else c for c in text)
-
-
-def _parse(table: str, raw: bytes) -> tuple[str | None, str] | None:
-    """(topic, key) of a row key of C{table}, or None if it is not one."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    prefix = "{" + table + "."
-    if not text.startswith(prefix):
-        return None
-    end = text.find("}", len(prefix))
-    if end < 0:
-        return None
-    return text[len(prefix):end] or None, text[end + 1:]
 
 
 @implementer(INbDbDriver)
@@ -88,6 +72,8 @@ class RedisDbDriver:
     @param password: for AUTH (C{username} too, for an ACL user).
     @param tls: TLS settings for C{"host:port"} hosts.
     @param timeout: seconds a node may leave a command unanswered.
+    @param read_from_replicas: serve topic reads and version checks from a
+        replica of the slot's master (READONLY), falling back to the master.
     """
 
     def __init__(
@@ -100,6 +86,7 @@ class RedisDbDriver:
         username: str | None = None,
         tls: TLSOptions | None = None,
         timeout: float = 5.0,
+        read_from_replicas: bool = False,
         reactor: Any = None,
     ) -> None:
         self.client = ClusterClient(
@@ -107,6 +94,7 @@ class RedisDbDriver:
             tls=tls, timeout=timeout, reactor=reactor,
         )
         self.wait_replicas = wait_replicas
+        self.reader = SlotReader(self.client, replicas=read_from_replicas)
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> "RedisDbDriver":
@@ -116,7 +104,8 @@ class RedisDbDriver:
         return cls(
             list(config.df.remote_db_hosts), r.retries,
             wait_replicas=r.wait_replicas, tls=tls_from_config(r),
-            password=r.password or None, username=r.username or None, **kwargs,
+            password=r.password or None, username=r.username or None,
+            read_from_replicas=r.read_from_replicas, **kwargs,
         )
 
     def initialize(self) -> defer.Deferred[None]:
@@ -133,7 +122,7 @@ class RedisDbDriver:
     ) -> None:
         topic = check_names(table, key, topic)
         check_value(value)
-        await self._write(row_key(table, key, topic), value, ())
+        await self._write(table, key, topic, value, "")
 
     @deferred
     async def get_key(self, table: str, key: str, topic: str | None = None) -> str:
@@ -147,42 +136,81 @@ class RedisDbDriver:
     async def set_key(self, table: str, key: str, value: str, topic: str | None = None) -> None:
         check_value(value)
         rkey, topic = await self._find(table, key, topic)
-        if await self._write(rkey, value, ("XX",)) is None:
+        if await self._write(table, key, topic, value, "XX") is None:
             raise DBKeyNotFound(table, key, topic)
 
     @deferred
     async def delete_key(self, table: str, key: str, topic: str | None = None) -> None:
         rkey, topic = await self._find(table, key, topic)
         # Not sent twice: a second DEL after a lost reply would say 0.
-        deleted = await self._command(
-            "DEL", rkey, slot=key_slot(rkey), resend=False, replicas=self.wait_replicas
+        deleted = await self._script(
+            DELETE, (rkey, version_key(table, topic)), (), resend=False,
+            replicas=self.wait_replicas,
         )
         if deleted == 0:
             raise DBKeyNotFound(table, key, topic)
 
-    async def _write(self, rkey: str, value: str, flags: tuple[str, ...]) -> bytes | None:
-        """SET with GET (and C{flags}); undo it if it did not replicate.
-        @return: the previous value (None: there was none, nothing written
-        with XX)."""
-        slot = key_slot(rkey)
+    async def _write(
+        self, table: str, key: str, topic: str | None, value: str, xx: str
+    ) -> bytes | None:
+        """Write a row (over an existing one only, with C{xx} "XX"); undo it
+        if it did not replicate.  @return: the previous value (None: there
+        was none; nothing written with XX)."""
+        keys = (row_key(table, key, topic), version_key(table, topic))
         try:
-            old = await self._command(
-                "SET", rkey, value, *flags, "GET", slot=slot, replicas=self.wait_replicas
-            )
+            old = await self._script(WRITE, keys, (value, xx), replicas=self.wait_replicas)
         except NotReplicated as e:
-            undone = await self._undo(rkey, value, e.reply, slot)
+            undone = await self._undo(keys, value, e.reply)
             raise DBConnectionError(e.node, f"{e.reason}; {undone}", e.slot) from None
         if old is not None and not isinstance(old, bytes):
-            raise ProtocolError(f"SET {rkey!r}: unexpected reply {old!r:.100}", self.client.owner(slot))
+            raise ProtocolError(f"write of {keys[0]!r}: unexpected reply {old!r:.100}",
+                                self.client.owner(key_slot(keys[0])))
         return old
 
-    async def _undo(self, rkey: str, value: str, old: Any, slot: int) -> str:
+    async def _undo(self, keys: tuple[str, str], value: str, old: Any) -> str:
         restore = ("1", old) if isinstance(old, bytes) else ("0", "")
         try:
-            done = await self._command("EVAL", _UNDO, 1, rkey, value, *restore, slot=slot)
+            done = await self._script(UNDO, keys, (value, *restore))
         except Exception as e:
             return f"undoing it failed too ({e})"
         return "the write was undone" if done else "not undone: the row changed since"
+
+    async def _script(
+        self, script: str, keys: tuple[str, ...], args: tuple[Any, ...], **kwargs: Any
+    ) -> Any:
+        """EVALSHA of C{script} on the keys' slot (EVAL where the node does
+        not have it yet: a new node, a restart)."""
+        slot = key_slot(keys[0])
+        try:
+            return await self.client.execute(
+                "EVALSHA", script_sha(script), len(keys), *keys, *args, slot=slot, **kwargs)
+        except ClusterDownError as e:
+            if not e.reason.startswith("TRYAGAIN") or script == UNDO:
+                raise
+            return await self._split(script, keys, args, **kwargs)
+        except ReplyError as e:
+            if e.kind != "NOSCRIPT":
+                raise ProtocolError(f"script: unexpected error reply {e.message!r}", e.node) from None
+        return await self._command("EVAL", script, len(keys), *keys, *args, slot=slot, **kwargs)
+
+    async def _split(
+        self, script: str, keys: tuple[str, ...], args: tuple[Any, ...], **kwargs: Any
+    ) -> Any:
+        """A write script as two commands, the row's, then the version's if
+        the row changed: for a slot being migrated, where a command on both
+        keys meets TRYAGAIN while one of them has moved and the other not."""
+        (row, version), slot = keys, key_slot(keys[0])
+        if script == DELETE:
+            reply = await self._command("DEL", row, slot=slot, **kwargs)
+            changed = reply == 1
+        else:
+            value, xx = args
+            reply = await self._command("SET", row, value, *([xx] if xx else []), "GET",
+                                        slot=slot, **kwargs)
+            changed = reply != value.encode("utf-8") and not (xx and reply is None)
+        if changed:
+            await self._command("INCR", version, slot=slot)
+        return reply
 
     # --- lookups and listings ------------------------------------------------------
 
@@ -191,10 +219,10 @@ class RedisDbDriver:
         topic = check_names(table, key, topic)
         if topic is not None:
             return row_key(table, key, topic), topic
-        pattern = "{" + _glob(table) + ".*}" + _glob(key)
+        pattern = "{" + glob(table) + ".*}" + glob(key)
         found = {}
         for raw in await self.client.scan(pattern.encode("utf-8")):
-            parsed = _parse(table, raw)
+            parsed = parse(table, raw)
             if parsed is not None and parsed[1] == key:
                 found[parsed[0]] = raw.decode("utf-8")
         if not found:
@@ -204,20 +232,21 @@ class RedisDbDriver:
         [(topic, rkey)] = found.items()
         return rkey, topic
 
-    async def _rows(self, table: str, topic: str | None) -> list[tuple[str | None, str, bytes]]:
-        """(topic, key, Redis key) of every row of C{table} (under C{topic})."""
-        topic = check_names(table, topic=topic)
-        pattern = "{" + _glob(table) + "." + (_glob(topic) + "}*" if topic else "*")
+    async def _rows(self, table: str) -> list[tuple[str | None, str, bytes]]:
+        """(topic, key, Redis key) of every row of C{table}, by SCAN."""
+        check_names(table)
         rows = []
-        for raw in await self.client.scan(pattern.encode("utf-8")):
-            parsed = _parse(table, raw)
-            if parsed is not None and (topic is None or parsed[0] == topic):
+        for raw in await self.client.scan(("{" + glob(table) + ".*").encode("utf-8")):
+            parsed = parse(table, raw)
+            if parsed is not None:
                 rows.append((parsed[0], parsed[1], raw))
         return rows
 
     @deferred
     async def get_all_keys(self, table: str, topic: str | None = None) -> list[str]:
-        return [key for _, key, _ in await self._rows(table, topic)]
+        if topic:
+            return [key for key, _ in await self.get_topic_rows(table, topic)]
+        return [key for _, key, _ in await self._rows(table)]
 
     @deferred
     async def get_all_entries(self, table: str, topic: str | None = None) -> list[str]:
@@ -227,17 +256,70 @@ class RedisDbDriver:
     async def get_all_rows(
         self, table: str, topic: str | None = None
     ) -> list[tuple[str | None, str, str]]:
-        """SCAN, then MGET in batches of one slot; a row deleted in between
-        is left out."""
-        rows = {raw: (t, key) for t, key, raw in await self._rows(table, topic)}
-        found = []
-        for batch, replies in await self._per_slot("MGET", list(rows)):
+        """A topic's rows as L{get_topic_rows} reads them; every topic's by
+        SCAN, then MGET in batches of one slot (a row deleted in between is
+        left out)."""
+        if topic:
+            return [(topic, key, value) for key, value in await self.get_topic_rows(table, topic)]
+        rows = {raw: (t, key) for t, key, raw in await self._rows(table)}
+        return [(*rows[raw], value) for raw, value in (await self._values(list(rows))).items()]
+
+    @deferred
+    async def get_topic_rows(self, table: str, topic: str | None) -> list[tuple[str, str]]:
+        """CLUSTER GETKEYSINSLOT on the topic's slot, the keys of exactly
+        this topic kept (other hash tags can share the slot), then MGET:
+        see L{dftx.redis.slotread}.  A non-cluster server keeps no index of
+        its keys by slot: there it is a SCAN for the topic's pattern."""
+        topic = check_names(table, topic=topic)
+        prefix = row_key(table, "", topic).encode("utf-8")  # also a key that never exists
+        topology = self.client.topology
+        if topology is not None and not topology.cluster:
+            keys = await self.client.scan(glob(prefix.decode("utf-8")).encode("utf-8") + b"?*")
+            found = await self._values(sorted(keys))
+        else:
+            try:
+                read = await self.reader.read(
+                    key_slot(prefix), prefix, lambda k: k.startswith(prefix) and k != prefix)
+            except ReplyError as e:
+                raise ProtocolError(f"topic read: unexpected error reply {e.message!r}",
+                                    e.node) from None
+            found = {k: self._text(v, k) for k, v in read.items()}
+        rows = []
+        for raw, value in found.items():
+            try:
+                rows.append((raw[len(prefix):].decode("utf-8"), value))
+            except UnicodeDecodeError:
+                continue
+        return rows
+
+    async def _values(self, keys: list[bytes]) -> dict[bytes, str]:
+        """The values of C{keys} (text), by MGET in batches of one slot;
+        keys without a value are left out."""
+        found = {}
+        for batch, replies in await self._per_slot("MGET", keys):
             if not isinstance(replies, list) or len(replies) != len(batch):
                 raise ProtocolError(f"MGET: unexpected reply {replies!r:.100}")
-            found.extend(
-                (*rows[k], self._text(v, k)) for k, v in zip(batch, replies) if v is not None
-            )
+            found.update((k, self._text(v, k)) for k, v in zip(batch, replies) if v is not None)
         return found
+
+    @deferred
+    async def get_topic_versions(
+        self, pairs: Iterable[tuple[str, str | None]]
+    ) -> dict[tuple[str, str | None], int]:
+        """One GET of C{~v{table.topic}} per pair, all at once (from a
+        replica with C{read_from_replicas})."""
+        pairs = list(pairs)
+        keys = [version_key(t, check_names(t, topic=p)).encode("utf-8") for t, p in pairs]
+        try:
+            replies = await gather(self.reader.get(k, key_slot(k)) for k in keys)
+        except ReplyError as e:
+            raise ProtocolError(f"GET: unexpected error reply {e.message!r}", e.node) from None
+        versions = {}
+        for pair, k, v in zip(pairs, keys, replies):
+            if v is not None and not (isinstance(v, bytes) and v.isdigit()):
+                raise ProtocolError(f"version {k!r}: unexpected value {v!r:.100}")
+            versions[pair] = int(v or 0)
+        return versions
 
     async def _per_slot(self, command: str, keys: list[bytes]) -> list[tuple[list[bytes], Any]]:
         """Run C{command} on C{keys} in batches of one slot each, all at once."""
@@ -263,7 +345,12 @@ class RedisDbDriver:
 
     @deferred
     async def delete_table(self, table: str) -> None:
-        await self._per_slot("DEL", [raw for _, _, raw in await self._rows(table, None)])
+        """SCAN, DEL per slot batch, then increment the version of each
+        topic that had rows."""
+        rows = await self._rows(table)
+        await self._per_slot("DEL", [raw for _, _, raw in rows])
+        versions = {version_key(table, topic) for topic, _, _ in rows}
+        await gather(self._command("INCR", v, slot=key_slot(v)) for v in versions)
 
     @deferred
     async def allocate_unique_key(self, table: str) -> int:

@@ -27,8 +27,10 @@ For other layers (pub/sub, the HA watcher) the client offers the pieces it
 is made of: L{ClusterClient.owner} (which node serves a slot),
 L{ClusterClient.connection} (the shared connection to a node),
 L{ClusterClient.new_connection} (a dedicated one, e.g. for SUBSCRIBE),
-L{ClusterClient.refresh} (re-read the map now) and
-L{ClusterClient.on_topology_changed}.
+L{ClusterClient.refresh} (re-read the map now),
+L{ClusterClient.on_topology_changed}, and for reads that route themselves
+(L{dftx.redis.slotread}) L{ClusterClient.follow_moved} and
+L{ClusterClient.retry_pause}.
 """
 
 from __future__ import annotations
@@ -141,13 +143,15 @@ class ClusterClient:
         """The node commands for C{slot} go to now (None: no node serves it)."""
         return self._map.owners[slot]
 
-    def connection(self, address: str) -> NodeConnection:
+    def connection(self, address: str, readonly: bool = False) -> NodeConnection:
         """
-        The shared connection to the node at C{address} (made on first use).
+        The shared connection to the node at C{address} (made on first use);
+        with C{readonly}, the shared one that sent READONLY (a replica serves
+        reads of its master's slots on it).
 
         @raise NodeUnreachable: once the client is closed.
         """
-        return self._nodes.connection(address)
+        return self._nodes.connection(address, readonly)
 
     def new_connection(
         self, address: str, protocol_class: ProtocolClass = RespProtocol
@@ -271,14 +275,11 @@ class ClusterClient:
                         raise DBConnectionError(
                             node, f"more than {MAX_REDIRECTS} redirections ({outcome.message})", slot
                         )
-                    moved_slot, target = self.redirect_target(outcome, node)
                     if outcome.kind == "MOVED":
-                        self.stats["moved"] += 1
-                        self._map.owners[moved_slot] = target
-                        self._map.refresh_soon()
+                        self.follow_moved(outcome, node)
                     else:
                         self.stats["ask"] += 1
-                        ask = target
+                        ask = self.redirect_target(outcome, node)[1]
                     outcome = None
                     continue
                 if outcome.kind not in _BUSY:
@@ -294,9 +295,7 @@ class ClusterClient:
                     raise NotReplicated(node, error.reason, slot, applied[0])
                 raise error
             attempt += 1
-            self.stats["retries"] += 1
-            await self._sleep(attempt)
-            await self._map.refresh_recent()
+            await self.retry_pause(attempt)
             outcome = None
 
     def _retryable(
@@ -313,6 +312,27 @@ class ClusterClient:
             )
         failure.raiseException()
         raise AssertionError("unreachable")
+
+    def follow_moved(self, reply: ReplyError, node: str | None) -> str:
+        """
+        Route the slot of the C{MOVED slot host:port} reply that C{node}
+        sent to its new node from now on, and refresh the map soon.
+
+        @return: the new node.
+        @raise ProtocolError: when the reply is not a redirection.
+        """
+        slot, target = self.redirect_target(reply, node)
+        self.stats["moved"] += 1
+        self._map.owners[slot] = target
+        self._map.refresh_soon()
+        return target
+
+    def retry_pause(self, attempt: int) -> defer.Deferred[None]:
+        """Before attempt C{attempt} (2 or more) of something that failed:
+        counted in C{stats["retries"]}, a backoff, then a map refresh unless
+        one just ran.  @return: Deferred firing with None: try again."""
+        self.stats["retries"] += 1
+        return self._sleep(attempt).addCallback(lambda _: self._map.refresh_recent())
 
     def redirect_target(self, reply: ReplyError, node: str | None) -> tuple[int, str]:
         """
@@ -376,7 +396,5 @@ class ClusterClient:
             if attempt >= self.retries:
                 raise DBConnectionError(node, f"SCAN: {error.reason}")
             attempt += 1
-            self.stats["retries"] += 1
-            await self._sleep(attempt)
-            await self._map.refresh_recent()
+            await self.retry_pause(attempt)
 

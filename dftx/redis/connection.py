@@ -2,9 +2,10 @@
 One reconnecting connection to one Redis node.
 
 L{NodeConnection} drives a L{RespProtocol} with Twisted's C{ClientService}:
-once started it connects (and AUTHs), reconnects with exponential backoff
-whenever the connection is lost or AUTH is refused, and lets any number of
-commands be in flight at once.
+once started it connects (and AUTHs, and sends READONLY on a connection for
+reads from a replica), reconnects with exponential backoff whenever the
+connection is lost or AUTH is refused, and lets any number of commands be
+in flight at once.
 
 Its one L{State} says what a command meets:
 
@@ -68,6 +69,9 @@ class NodeConnection:
     A connection to the node at C{address}, kept up from L{start} until
     L{close}.
 
+    @param readonly: send READONLY after AUTH on every connection, so that
+        a replica serves reads of its master's slots (L{dftx.redis.slotread}).
+
     @ivar address: C{"host:port"} (or C{"unix:/path"}) of the node.
     @ivar state: the connection's L{State}.
     """
@@ -83,8 +87,10 @@ class NodeConnection:
         timeout: float = 5.0,
         max_backoff: float = 1.0,
         protocol_class: ProtocolClass = RespProtocol,
+        readonly: bool = False,
     ) -> None:
         self.address = address
+        self.readonly = readonly
         self.state = State.IDLE
         self._reactor = reactor
         self._password = password
@@ -228,18 +234,22 @@ class NodeConnection:
 
     @deferred
     async def _authenticate(self, proto: RespProtocol) -> None:
-        """AUTH when a password is configured.  @return: Deferred firing
-        with None, or failing with L{NodeUnreachable}."""
-        if self._password is None:
-            return
-        args = ("AUTH", self._username, self._password) if self._username else (
-            "AUTH", self._password)
+        """AUTH when a password is configured, then READONLY when asked
+        for.  @return: Deferred firing with None, or failing with
+        L{NodeUnreachable}."""
+        if self._password is not None:
+            await self._setup(proto, "AUTH", *(
+                (self._username, self._password) if self._username else (self._password,)))
+        if self.readonly:
+            await self._setup(proto, "READONLY")
+
+    async def _setup(self, proto: RespProtocol, *args: str) -> None:
         try:
             reply = await proto.execute(*args)
         except Exception as e:
-            raise NodeUnreachable(self.address, f"AUTH: {getattr(e, 'reason', e)}") from None
+            raise NodeUnreachable(self.address, f"{args[0]}: {getattr(e, 'reason', e)}") from None
         if isinstance(reply, ReplyError):
-            raise NodeUnreachable(self.address, f"AUTH refused: {reply.message}")
+            raise NodeUnreachable(self.address, f"{args[0]} refused: {reply.message}")
 
     def _session_failed(self, proto: RespProtocol, failure: Failure) -> None:
         if self.state is not State.CLOSED:

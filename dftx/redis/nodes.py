@@ -57,33 +57,35 @@ class Nodes:
         self._username = username
         self._timeout = timeout
         self._max_backoff = max_backoff
-        self._shared: dict[str, NodeConnection] = {}
+        self._shared: dict[tuple[str, bool], NodeConnection] = {}
         self._closed = False
 
-    def connection(self, address: str) -> NodeConnection:
+    def connection(self, address: str, readonly: bool = False) -> NodeConnection:
         """
-        The shared connection to the node at C{address} (made on first use).
+        The shared connection to the node at C{address} (made on first use);
+        with C{readonly}, the shared READONLY one (for reads from a replica).
 
         @raise NodeUnreachable: once closed.
         """
-        conn = self._shared.get(address)
+        conn = self._shared.get((address, readonly))
         if conn is None:
             if self._closed:
                 raise NodeUnreachable(address, "client closed")
-            conn = self._shared[address] = self.new_connection(address)
+            conn = self._shared[address, readonly] = self.new_connection(
+                address, readonly=readonly)
             conn.on_lost(self._on_lost)
         return conn
 
     def is_up(self, address: str) -> bool:
         """Whether the shared connection to C{address} is up."""
-        conn = self._shared.get(address)
+        conn = self._shared.get((address, False))
         return conn is not None and conn.connected
 
     def new_connection(
-        self, address: str, protocol_class: ProtocolClass = RespProtocol
+        self, address: str, protocol_class: ProtocolClass = RespProtocol, readonly: bool = False
     ) -> NodeConnection:
-        """A new connection of its own to the node at C{address}, started;
-        the caller closes it."""
+        """A new connection of its own to the node at C{address} (sending
+        READONLY when C{readonly}), started; the caller closes it."""
         conn = NodeConnection(
             address,
             self._endpoints.endpoint(address),
@@ -93,6 +95,7 @@ class Nodes:
             timeout=self._timeout,
             max_backoff=self._max_backoff,
             protocol_class=protocol_class,
+            readonly=readonly,
         )
         conn.start()
         return conn
@@ -100,8 +103,8 @@ class Nodes:
     def keep_only(self, addresses: Iterable[str]) -> None:
         """Close the shared connections to nodes not in C{addresses}."""
         keep = set(addresses)
-        for address in [a for a in self._shared if a not in keep]:
-            self._shared.pop(address).close()
+        for key in [k for k in self._shared if k[0] not in keep]:
+            self._shared.pop(key).close()
 
     def close(self) -> defer.Deferred[None]:
         """

@@ -121,9 +121,8 @@ def _parsed(texts: list[str], role: str) -> list[PublisherRow]:
 
 async def _dragonflow_rows(db: Any) -> list[PublisherRow]:
     """The rows of table C{publisher} (no topic)."""
-    texts = [value for topic, _, value in await db.get_all_rows(PUBLISHER_TABLE)
-             if topic is None]
-    return _parsed(texts, NEUTRON_SERVER)
+    rows = await db.get_topic_rows(PUBLISHER_TABLE, None)
+    return _parsed([value for _, value in rows], NEUTRON_SERVER)
 
 
 async def _dftx_rows(db: Any, role: str) -> list[PublisherRow]:
