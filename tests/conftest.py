@@ -3,10 +3,15 @@ Fixtures that give tests real servers (see L{dftx.harness}).
 
 - C{redis_cluster}: one 3-master + 3-replica Redis Cluster for the session.
   A test may kill, pause, fail over or migrate: after it, the cluster is
-  repaired (paused nodes resumed, dead ones restarted) and waited healthy,
-  so the next test starts from a working cluster (masters may have moved).
+  repaired (paused nodes resumed, dead ones restarted), waited healthy and
+  emptied (FLUSHALL), so the next test starts from a working cluster with no
+  keys (masters may have moved).
 - C{redis_single}: one non-cluster redis-server for the session, restarted
-  after a test that killed or paused it.
+  after a test that killed or paused it, and emptied after each test.
+
+The server is redis-server from PATH, or the binary C{$DFTX_REDIS_SERVER}
+names (Valkey's valkey-server: C{make test-valkey}); pytest's header says
+which (L{dftx.harness.server_binary}).
 - C{ovsdb_server}: a fresh ovsdb-server on a new Open_vSwitch database per
   test; C{make_ovsdb_server(clustered=True)} for a RAFT database,
   C{extra_args=} for more ovsdb-server options.
@@ -33,7 +38,15 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from dftx.harness import OvsdbServer, RedisCluster, RedisServer
+from dftx.harness import OvsdbServer, RedisCluster, RedisServer, server_binary, server_version
+
+
+def pytest_report_header(config):
+    try:
+        binary = server_binary()
+        return f"redis server: {server_version(binary)} ({binary})"
+    except (OSError, ValueError) as e:
+        return f"redis server: none ({e})"
 
 
 def _block(coro):
@@ -54,6 +67,7 @@ def _cluster_session(tmp_path_factory):
 async def redis_cluster(_cluster_session):
     yield _cluster_session
     await _cluster_session.repair()
+    await _cluster_session.flushall()
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +87,7 @@ async def redis_single(_single_session):
         _single_session.resume()
     if not _single_session.running:
         await _single_session.start()
+    await _single_session.flushall()
 
 
 @pytest_twisted.async_yield_fixture

@@ -17,8 +17,11 @@ servers behind (see L{dftx.harness.process}).
 
 Nothing in the runtime (the rest of C{dftx}) imports this package.
 
+The Redis server run is C{redis-server} from C{PATH}, or the binary that
+C{$DFTX_REDIS_SERVER} names (Valkey's C{valkey-server}: see doc/testing.md).
+
 Modules: L{process} (commands, child processes, ports, polling), L{redis}
-(one redis-server), L{cluster_nodes} (CLUSTER NODES parsed), L{cluster}
+(one redis-server, which binary), L{cluster_nodes} (CLUSTER NODES parsed), L{cluster}
 (Redis Cluster), L{ovsdb} (ovsdb-server), L{services} (dfpublisher and
 dfcontroller).
 """
@@ -35,7 +38,7 @@ from dftx.harness.process import (
     poll,
     run,
 )
-from dftx.harness.redis import RedisServer
+from dftx.harness.redis import SERVER_ENV, RedisServer, ServerVersion, server_binary, server_version
 from dftx.harness.services import TWISTD_MAIN, DftxService
 
 __all__ = [
@@ -48,6 +51,8 @@ __all__ = [
     "OvsdbServer",
     "RedisCluster",
     "RedisServer",
+    "SERVER_ENV",
+    "ServerVersion",
     "TWISTD_MAIN",
     "VSWITCH_SCHEMA",
     "find_binary",
@@ -55,4 +60,6 @@ __all__ = [
     "parse_cluster_nodes",
     "poll",
     "run",
+    "server_binary",
+    "server_version",
 ]

@@ -80,10 +80,14 @@ def find_binary(name: str) -> str:
     """
     Return the path of a system binary, looking in C{PATH} and the sbin
     directories (ovsdb-server lives in /usr/sbin, which a non-root PATH may
-    lack).
+    lack); a C{name} with a slash is a path, returned when executable.
 
     @raise FileNotFoundError: naming the Debian package that provides it.
     """
+    if os.sep in name:
+        if os.access(name, os.X_OK):
+            return name
+        raise FileNotFoundError(f"{name} is not an executable file")
     dirs = os.environ.get("PATH", "").split(os.pathsep)
     dirs += ["/usr/sbin", "/usr/local/sbin", "/sbin"]
     for d in dirs:
