@@ -13,9 +13,12 @@ import pytest_twisted
 
 from dftx.harness import (
     CLUSTER_SLOTS,
+    NO_SERVERS_ENV,
     SERVER_ENV,
+    ChildProcess,
     CommandFailed,
     RedisServer,
+    ServersOff,
     poll,
     run,
     server_binary,
@@ -167,6 +170,13 @@ async def test_the_server_run_is_the_one_selected(redis_single, monkeypatch, tmp
     monkeypatch.setenv(SERVER_ENV, str(tmp_path / "valkey-server"))
     with pytest.raises(FileNotFoundError, match="valkey-server"):
         RedisServer(tmp_path)
+
+
+def test_no_server_starts_while_servers_are_off(monkeypatch, tmp_path):
+    # What pytest --no-servers sets: a test that starts a server fails.
+    monkeypatch.setenv(NO_SERVERS_ENV, "1")
+    with pytest.raises(ServersOff, match="sleep not started"):
+        ChildProcess(["sleep", "60"], tmp_path / "log", tmp_path).start()
 
 
 @pytest_twisted.ensureDeferred

@@ -30,8 +30,10 @@ from dftx.harness.cluster import RedisCluster
 from dftx.harness.cluster_nodes import CLUSTER_SLOTS, ClusterNode, parse_cluster_nodes
 from dftx.harness.ovsdb import VSWITCH_SCHEMA, OvsdbServer
 from dftx.harness.process import (
+    NO_SERVERS_ENV,
     ChildProcess,
     ServerProcess,
+    ServersOff,
     CommandFailed,
     find_binary,
     free_port,
@@ -43,6 +45,7 @@ from dftx.harness.services import TWISTD_MAIN, DftxService
 
 __all__ = [
     "CLUSTER_SLOTS",
+    "NO_SERVERS_ENV",
     "ChildProcess",
     "ServerProcess",
     "ClusterNode",
@@ -53,6 +56,7 @@ __all__ = [
     "RedisServer",
     "SERVER_ENV",
     "ServerVersion",
+    "ServersOff",
     "TWISTD_MAIN",
     "VSWITCH_SCHEMA",
     "find_binary",

@@ -26,9 +26,11 @@ from twisted.python.failure import Failure
 from dftx.deferreds import or_global_reactor
 
 __all__ = [
+    "NO_SERVERS_ENV",
     "ChildProcess",
     "ServerProcess",
     "CommandFailed",
+    "ServersOff",
     "find_binary",
     "free_port",
     "poll",
@@ -43,6 +45,11 @@ _PACKAGES = {
     "ovsdb-client": "openvswitch-common",
     "ovs-vsctl": "openvswitch-switch",
 }
+
+# Set (to anything but ""), every ChildProcess refuses to start: the test
+# selection that needs no server (pytest --no-servers) sets it, and child
+# processes inherit it.
+NO_SERVERS_ENV = "DFTX_NO_SERVERS"
 
 # The PIDs of the processes spawned here that have not ended yet, for the
 # exit-time cleanup (registered with atexit by the first spawn).
@@ -65,6 +72,10 @@ def _track(pid: int) -> None:
         atexit.register(_kill_leftovers)
         _cleanup_registered = True
     _live.add(pid)
+
+
+class ServersOff(RuntimeError):
+    """A server was to be started while C{$DFTX_NO_SERVERS} is set."""
 
 
 class CommandFailed(Exception):
@@ -240,7 +251,14 @@ class ChildProcess(protocol.ProcessProtocol):
         return self.transport is not None and not self._ended.called
 
     def start(self) -> None:
-        """Spawn the process (again, after it exited)."""
+        """
+        Spawn the process (again, after it exited).
+
+        @raise ServersOff: while C{$DFTX_NO_SERVERS} is set.
+        """
+        if os.environ.get(NO_SERVERS_ENV):
+            raise ServersOff(f"{self.argv[0]} not started: ${NO_SERVERS_ENV} is set "
+                             "(a test that starts a server must be marked servers)")
         self._ended = defer.Deferred()
         self._log = open(self.log_path, "ab")
         self.reactor.spawnProcess(
