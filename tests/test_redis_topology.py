@@ -236,6 +236,10 @@ def test_a_shard_with_a_restarted_old_master_takes_the_master_with_the_newest_of
     failed = [shard([0, SLOTS - 1], shard_node(7001, M, 10, b"fail"),
                     shard_node(7004, R, 10, b"online"))]
     assert parse_cluster_shards(failed, A).owner(0) == "127.0.0.1:7001"
+    # Online first, whatever the offsets ("failed" is what the documentation says).
+    shards = [shard([0, SLOTS - 1], shard_node(7001, M, 900, b"failed"),
+                    shard_node(7005, M, 10, b"online"), shard_node(7002, M, b"?", b"online"))]
+    assert parse_cluster_shards(shards, A).owner(0) == "127.0.0.1:7005"
 
 
 def test_shard_node_addresses():

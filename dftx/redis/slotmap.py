@@ -12,7 +12,7 @@ refresh read CLUSTER SLOTS: one command per refresh either way, and two
 only once on a server without CLUSTER SHARDS.  L{SlotMap.refresh_soon} (after
 a MOVED or a lost connection) refreshes at once unless one ran less than
 C{min_refresh_interval} ago, in which case it runs once that long after the
-last, so that a burst of redirects never becomes a burst of CLUSTER SLOTS.
+last, so that a burst of redirects never becomes a burst of topology reads.
 Each topology installed (read here or learnt elsewhere) replaces the slot
 map; listeners hear of it when it differs from the one before.
 """

@@ -200,8 +200,9 @@ def parse_cluster_shards(reply: Any, peer: str) -> Topology:
     Each shard is a flat map C{slots} (start, end pairs; empty for a master
     that serves none) and C{nodes}, each node a flat map with C{id},
     C{port} and/or C{tls-port}, C{ip}, C{endpoint}, C{role} (C{master} or
-    C{replica}), C{replication-offset} and C{health} (C{online}, C{fail},
-    or C{loading}: a replica without a replication offset yet); unknown
+    C{replica}), C{replication-offset} and C{health} (C{online}, C{fail}
+    (the documentation says C{failed}), or C{loading}: a replica without a
+    replication offset yet); unknown
     fields are ignored.  As in CLUSTER SLOTS: a node's address is its
     C{endpoint} (an empty or C{"?"} one means the host of C{peer}); a
     shard without slots is left out; a replica counts only when its health
@@ -211,7 +212,7 @@ def parse_cluster_shards(reply: Any, peer: str) -> Topology:
     is the node with role C{master} that serves its slots: Valkey keeps a
     failed-over master in its shard (role C{master}, health C{fail}) and,
     for a moment after it restarts, as a master without slots; of several
-    masters the one not failed with the highest replication offset is taken
+    masters the one online with the highest replication offset is taken
     (a promoted replica continues its old master's offset).
 
     @raise ProtocolError: naming C{peer}, for a reply of another shape.
@@ -228,8 +229,7 @@ def parse_cluster_shards(reply: Any, peer: str) -> Topology:
         masters = [n for n in nodes if n.get(b"role") == b"master"]
         if not masters:
             raise ProtocolError(f"CLUSTER SHARDS: slots {slots[:2]}... have no master", peer)
-        master = max(masters, key=lambda n: (n.get(b"health") != b"fail",
-                                             n.get(b"replication-offset", 0)))
+        master = max(masters, key=_liveliness)
         replicas = tuple(
             _shard_node_address(n, peer, peer_host, tls) for n in nodes
             if n.get(b"role") == b"replica" and n.get(b"health") == b"online"
@@ -238,6 +238,12 @@ def parse_cluster_shards(reply: Any, peer: str) -> Topology:
         shards += [Shard(start, end, address, replicas)
                    for start, end in zip(slots[::2], slots[1::2])]
     return Topology(shards)
+
+
+def _liveliness(node: dict[bytes, Any]) -> tuple[bool, int]:
+    """How a shard's masters rank: online first, then by replication offset."""
+    offset = node.get(b"replication-offset")
+    return node.get(b"health") == b"online", offset if isinstance(offset, int) else 0
 
 
 def _flat_map(items: Any, what: str, peer: str) -> dict[bytes, Any]:
