@@ -13,7 +13,6 @@ setup(
     python_requires=">=3.11",
     classifiers=[
         "Framework :: Twisted",
-        "License :: OSI Approved :: Apache Software License",
         "Operating System :: POSIX :: Linux",
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3 :: Only",
