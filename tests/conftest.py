@@ -101,6 +101,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
+    if config.getoption("--no-servers"):
+        return "redis server: none (--no-servers)"
     try:
         binary = server_binary()
         tls = "" if server_has_tls(binary) else ", without TLS"
