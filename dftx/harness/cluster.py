@@ -80,6 +80,12 @@ class RedisCluster:
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
+    async def flushall(self) -> None:
+        """Delete every key: FLUSHALL on every master (their replicas
+        follow)."""
+        for m in await self.masters():
+            await m.flushall()
+
     async def cluster_nodes(self, exclude: RedisServer | None = None) -> list[ClusterNode]:
         """CLUSTER NODES as seen by the first running node that answers
         (other than C{exclude})."""

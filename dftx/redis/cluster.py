@@ -5,7 +5,7 @@ one shared connection per node, and follows the cluster as it changes.
 - MOVED: the slot is routed to the named node at once, and one refresh of
   the whole map is started (concurrent MOVEDs share it, and refreshes are
   at least C{min_refresh_interval} apart, so a burst of redirects never
-  becomes a burst of CLUSTER SLOTS).
+  becomes a burst of CLUSTER SHARDS).
 - ASK: C{ASKING} and the command go to the named node; the map is unchanged.
 - TRYAGAIN, CLUSTERDOWN, LOADING, MASTERDOWN: retried after a backoff.
 - A node that cannot be reached, or a connection lost with the command in
@@ -15,7 +15,7 @@ one shared connection per node, and follows the cluster as it changes.
   cluster kept saying it cannot serve) or L{DBConnectionError} (no
   connection), each naming the node and the slot.
 
-A non-cluster server (one that answers CLUSTER SLOTS with "cluster support
+A non-cluster server (one that answers CLUSTER SHARDS with "cluster support
 disabled") is served as one shard owning every slot.
 
 The client is made of two parts it drives: L{dftx.redis.nodes} (the
@@ -191,7 +191,7 @@ class ClusterClient:
 
     def refresh(self) -> defer.Deferred[Topology]:
         """
-        Read CLUSTER SLOTS now (or join the read already under way).
+        Read the topology now (or join the read already under way).
 
         @return: Deferred firing with the new L{Topology}; failing with
             L{DBConnectionError} (or L{ProtocolError} when the only answers

@@ -1,6 +1,6 @@
 """
 How to reach a Redis node: from the configured hosts, and from the
-C{host:port} addresses CLUSTER SLOTS names, to Twisted client endpoints.
+C{host:port} addresses the cluster names, to Twisted client endpoints.
 
 The configured hosts take any form L{dftx.endpoints} reads (C{host:port},
 C{ssl:host=h:port=p:...}, C{unix:/run/redis.sock} for a single non-cluster

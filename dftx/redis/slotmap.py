@@ -2,13 +2,17 @@
 Which node serves each slot, and keeping that current: the half of the
 cluster client (L{dftx.redis.cluster}) that reads and installs topologies.
 
-A refresh reads CLUSTER SLOTS from the first node that answers (the nodes
+A refresh reads the topology from the first node that answers (the nodes
 up first, then the rest of the known nodes, then the seeds), and closes the
 shared connections to nodes that are no longer in the cluster; refreshes
-asked for while one is under way share it.  L{SlotMap.refresh_soon} (after
+asked for while one is under way share it.  It reads CLUSTER SHARDS (Redis
+7+, Valkey); a node that answers it with an error but answers CLUSTER
+SLOTS (deprecated since Redis 7.0, the only one before) makes every later
+refresh read CLUSTER SLOTS: one command per refresh either way, and two
+only once on a server without CLUSTER SHARDS.  L{SlotMap.refresh_soon} (after
 a MOVED or a lost connection) refreshes at once unless one ran less than
 C{min_refresh_interval} ago, in which case it runs once that long after the
-last, so that a burst of redirects never becomes a burst of CLUSTER SLOTS.
+last, so that a burst of redirects never becomes a burst of topology reads.
 Each topology installed (read here or learnt elsewhere) replaces the slot
 map; listeners hear of it when it differs from the one before.
 """
@@ -28,7 +32,7 @@ from dftx.deferreds import Joined, deferred
 from dftx.errors import DBConnectionError, ProtocolError, ReplyError
 from dftx.redis.nodes import Nodes
 from dftx.redis.slots import SLOTS
-from dftx.redis.topology import Topology, parse_cluster_slots
+from dftx.redis.topology import Topology, parse_cluster_shards, parse_cluster_slots
 
 __all__ = ["SlotMap", "TopologyListener"]
 
@@ -66,6 +70,8 @@ class SlotMap:
         self._last_refresh = -math.inf
         self._scheduled: IDelayedCall | None = None
         self._closed = False
+        # False once a node refused CLUSTER SHARDS and answered CLUSTER SLOTS.
+        self._shards = True
 
     def close(self) -> None:
         """Refresh no more on L{refresh_soon}."""
@@ -158,8 +164,9 @@ class SlotMap:
             return topology
         if errors and all(isinstance(e, ProtocolError) for e in errors):
             raise errors[0]
+        command = "CLUSTER SHARDS" if self._shards else "CLUSTER SLOTS"
         raise DBConnectionError(
-            None, "no node answered CLUSTER SLOTS: " + "; ".join(map(str, errors))
+            None, f"no node answered {command}: " + "; ".join(map(str, errors))
         )
 
     def _candidates(self) -> list[str]:
@@ -169,12 +176,35 @@ class SlotMap:
         return list(dict.fromkeys([*up, *ordered]))
 
     async def _read(self, address: str) -> Topology:
-        reply = await self._nodes.connection(address).execute("CLUSTER", "SLOTS")
-        if isinstance(reply, ReplyError):
-            if "cluster support disabled" in reply.message:
-                return Topology.single(address)
-            raise DBConnectionError(address, f"CLUSTER SLOTS: {reply.message}")
-        topology = parse_cluster_slots(reply, address)
-        if not topology.shards:
-            raise DBConnectionError(address, "CLUSTER SLOTS: no slot is assigned")
-        return topology
+        conn = self._nodes.connection(address)
+        if self._shards:
+            reply = await conn.execute("CLUSTER", "SHARDS")
+            if not isinstance(reply, ReplyError) or _cluster_disabled(reply):
+                return _topology(reply, address, "CLUSTER SHARDS", parse_cluster_shards)
+            slots = await conn.execute("CLUSTER", "SLOTS")
+            if isinstance(slots, ReplyError):
+                raise DBConnectionError(address, f"CLUSTER SHARDS: {reply.message}")
+            log.info("{node} refuses CLUSTER SHARDS ({error}): reading CLUSTER SLOTS from now on",
+                     node=address, error=reply.message)
+            self._shards = False
+            return _topology(slots, address, "CLUSTER SLOTS", parse_cluster_slots)
+        reply = await conn.execute("CLUSTER", "SLOTS")
+        return _topology(reply, address, "CLUSTER SLOTS", parse_cluster_slots)
+
+
+def _cluster_disabled(reply: ReplyError) -> bool:
+    return "cluster support disabled" in reply.message
+
+
+def _topology(
+    reply: Any, address: str, command: str, parse: Callable[[Any, str], Topology]
+) -> Topology:
+    """The topology in C{reply} to C{command} from C{address}."""
+    if isinstance(reply, ReplyError):
+        if _cluster_disabled(reply):
+            return Topology.single(address)
+        raise DBConnectionError(address, f"{command}: {reply.message}")
+    topology = parse(reply, address)
+    if not topology.shards:
+        raise DBConnectionError(address, f"{command}: no slot is assigned")
+    return topology

@@ -1,7 +1,9 @@
 """
 The cluster's shape: which master serves each slot, and its replicas.
 
-L{parse_cluster_slots} turns a CLUSTER SLOTS reply into a L{Topology};
+L{parse_cluster_shards} turns a CLUSTER SHARDS reply (Redis 7+, Valkey)
+into a L{Topology}, and L{parse_cluster_slots} a CLUSTER SLOTS reply (every
+Redis Cluster; deprecated since Redis 7.0) into the same one;
 L{Topology.single} describes a non-cluster server as one shard that owns
 every slot.  Two topologies compare equal when the same masters serve the
 same slots with the same replicas, and L{Topology.moved_slots} says which
@@ -17,7 +19,7 @@ from dftx.endpoints import format_address, split_address
 from dftx.errors import ProtocolError
 from dftx.redis.slots import SLOTS
 
-__all__ = ["Shard", "Topology", "parse_cluster_slots"]
+__all__ = ["Shard", "Topology", "parse_cluster_shards", "parse_cluster_slots"]
 
 
 @dataclass(frozen=True)
@@ -188,3 +190,113 @@ def _node_address(node: Any, peer: str, peer_host: str) -> str:
     if host in ("", "?"):
         host = peer_host
     return format_address(host, node[1])
+
+
+def parse_cluster_shards(reply: Any, peer: str) -> Topology:
+    """
+    Parse a CLUSTER SHARDS reply (RESP2, as hiredis gives it) from the node
+    C{peer} into the topology CLUSTER SLOTS would describe at that moment.
+
+    Each shard is a flat map C{slots} (start, end pairs; empty for a master
+    that serves none) and C{nodes}, each node a flat map with C{id},
+    C{port} and/or C{tls-port}, C{ip}, C{endpoint}, C{role} (C{master} or
+    C{replica}), C{replication-offset} and C{health} (C{online}, C{fail}
+    (the documentation says C{failed}), or C{loading}: a replica without a
+    replication offset yet); unknown
+    fields are ignored.  As in CLUSTER SLOTS: a node's address is its
+    C{endpoint} (an empty or C{"?"} one means the host of C{peer}); a
+    shard without slots is left out; a replica counts only when its health
+    is C{online} (CLUSTER SLOTS leaves out failed replicas and those without
+    an offset); a node is reached on its C{tls-port} when C{peer} was
+    reached on its own C{tls-port}, else on its C{port}.  A shard's master
+    is the node with role C{master} that serves its slots: Valkey keeps a
+    failed-over master in its shard (role C{master}, health C{fail}) and,
+    for a moment after it restarts, as a master without slots; of several
+    masters the one online with the highest replication offset is taken
+    (a promoted replica continues its old master's offset).
+
+    @raise ProtocolError: naming C{peer}, for a reply of another shape.
+    """
+    if not isinstance(reply, list):
+        raise ProtocolError(f"CLUSTER SHARDS: expected an array, got {reply!r:.100}", peer)
+    parsed = [_shard_fields(entry, peer) for entry in reply]
+    every_node = [n for _, nodes in parsed for n in nodes]
+    peer_host, tls = _how_peer_was_reached(peer, every_node)
+    shards = []
+    for slots, nodes in parsed:
+        if not slots:
+            continue
+        masters = [n for n in nodes if n.get(b"role") == b"master"]
+        if not masters:
+            raise ProtocolError(f"CLUSTER SHARDS: slots {slots[:2]}... have no master", peer)
+        master = max(masters, key=_liveliness)
+        replicas = tuple(
+            _shard_node_address(n, peer, peer_host, tls) for n in nodes
+            if n.get(b"role") == b"replica" and n.get(b"health") == b"online"
+        )
+        address = _shard_node_address(master, peer, peer_host, tls)
+        shards += [Shard(start, end, address, replicas)
+                   for start, end in zip(slots[::2], slots[1::2])]
+    return Topology(shards)
+
+
+def _liveliness(node: dict[bytes, Any]) -> tuple[bool, int]:
+    """How a shard's masters rank: online first, then by replication offset."""
+    offset = node.get(b"replication-offset")
+    return node.get(b"health") == b"online", offset if isinstance(offset, int) else 0
+
+
+def _flat_map(items: Any, what: str, peer: str) -> dict[bytes, Any]:
+    """A RESP2 map (a flat array of keys and values) as a dict."""
+    if (
+        not isinstance(items, list)
+        or len(items) % 2
+        or not all(isinstance(k, bytes) for k in items[::2])
+    ):
+        raise ProtocolError(f"CLUSTER SHARDS: bad {what} {items!r:.100}", peer)
+    return dict(zip(items[::2], items[1::2]))
+
+
+def _shard_fields(entry: Any, peer: str) -> tuple[list[int], list[dict[bytes, Any]]]:
+    """(slot range bounds, node maps) of one shard of the reply."""
+    shard = _flat_map(entry, "shard", peer)
+    slots, nodes = shard.get(b"slots"), shard.get(b"nodes")
+    if (
+        not isinstance(slots, list)
+        or len(slots) % 2
+        or not all(isinstance(x, int) for x in slots)
+        or not isinstance(nodes, list)
+    ):
+        raise ProtocolError(f"CLUSTER SHARDS: bad shard {entry!r:.100}", peer)
+    for start, end in zip(slots[::2], slots[1::2]):
+        if not 0 <= start <= end < SLOTS:
+            raise ProtocolError(f"CLUSTER SHARDS: bad range {start}-{end}", peer)
+    return slots, [_flat_map(n, "node", peer) for n in nodes]
+
+
+def _how_peer_was_reached(peer: str, nodes: list[dict[bytes, Any]]) -> tuple[str, bool]:
+    """The host of C{peer}, and whether it was reached on its TLS port (a
+    node listed with C{tls-port} equal to the port of C{peer}, and no node
+    with that plain port)."""
+    if peer.startswith("unix:"):
+        return "127.0.0.1", False
+    host, port = split_address(peer)
+    tls = any(n.get(b"tls-port") == port for n in nodes) and not any(
+        n.get(b"port") == port for n in nodes
+    )
+    return host, tls
+
+
+def _shard_node_address(node: dict[bytes, Any], peer: str, peer_host: str, tls: bool) -> str:
+    port = node.get(b"tls-port") if tls else node.get(b"port")
+    if port is None:
+        port = node.get(b"port", node.get(b"tls-port"))
+    host = node.get(b"endpoint", node.get(b"ip"))
+    if (
+        not isinstance(host, (bytes, type(None)))
+        or not isinstance(port, int)
+        or not 0 < port < 65536
+    ):
+        raise ProtocolError(f"CLUSTER SHARDS: bad node {node!r:.100}", peer)
+    text = (host or b"").decode("utf-8", "replace")
+    return format_address(peer_host if text in ("", "?") else text, port)
