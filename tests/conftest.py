@@ -70,6 +70,7 @@ SERVER_TESTS = [
     "tests/test_redis_tls.py::*",
     "tests/test_sandbox.py::*",
     "tests/test_servers.py::*",
+    "tests/test_wheel.py::*",  # builds the wheel and installs it from PyPI: the full suite's
 ]
 
 
