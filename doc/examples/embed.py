@@ -93,7 +93,7 @@ class EmbeddedNode:
     # --- life cycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        # The NB database.  initialize() reads CLUSTER SLOTS from any seed.
+        # The NB database.  initialize() reads CLUSTER SHARDS from any seed.
         self.db = RedisDbDriver(hosts=self.seeds, retries=3)
         await self.db.initialize()
         masters = self.db.client.topology.masters
@@ -122,7 +122,7 @@ class EmbeddedNode:
         # publish fails.  on_db_restart re-writes the rows a failover may lose.
         self.nb = NbApi(self.db, self.pub, on_db_restart=self.rewrite_rows)
 
-        # The HA watcher (dfpublisher runs one): CLUSTER SLOTS every interval,
+        # The HA watcher (dfpublisher runs one): CLUSTER SHARDS every interval,
         # the topology published on "redis" when it changes, and
         # NbApi.db_restart (hook + "dbrestart" to every subscriber) on a failover.
         self.watcher = ClusterWatcher(self.db.client, self.pub, interval=3.0,
