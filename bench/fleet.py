@@ -330,6 +330,22 @@ class Fleet:
             for first, n in zip(firsts, shares)]
         self.seq = 0
         self.idle_cpu = 0.0  # Redis cores at idle with this fleet (measured)
+        self.stopped: str | None = None  # why the guard killed the processes
+        self.guard: Any = None
+
+    def start_guard(self) -> None:
+        """Every second: kill the processes once they exceed --max-rss-gib."""
+        from twisted.internet import task
+
+        def check() -> None:
+            rss = self.rss()
+            if rss > self.args.max_rss_gib * 2 ** 30 and self.stopped is None:
+                self.stopped = (f"controller processes at {rss / 2 ** 30:.1f} GiB RSS, above "
+                                f"--max-rss-gib {self.args.max_rss_gib:g}")
+                for c in self.children:
+                    c.kill()
+        self.guard = task.LoopingCall(check)
+        self.guard.start(1.0)
 
     def rss(self) -> int:
         return sum(rss_bytes(c.transport.pid) for c in self.children if not c.ended.called)
@@ -339,11 +355,22 @@ class Fleet:
                    if not c.ended.called)
 
     def check(self) -> None:
-        """@raise Aborted: a process is gone, or they use too much memory."""
+        """@raise Aborted: a process is gone (killed by the guard, or exited)."""
         if any(c.ended.called for c in self.children):
-            raise Aborted("a controller process exited")
-        if self.rss() > self.args.max_rss_gib * 2 ** 30:
-            raise Aborted(f"controller processes above {self.args.max_rss_gib} GiB RSS")
+            raise Aborted(self.stopped or "a controller process exited")
+
+    async def reply(self, child: Child, prefix: str, timeout: float = 300) -> str:
+        """The line of C{child} that starts with C{prefix}."""
+        deadline = time.time() + timeout
+        while True:
+            line = next((l for l in child.lines if l.startswith(prefix)), None)
+            if line is not None:
+                child.lines.remove(line)
+                return line
+            self.check()
+            if time.time() > deadline:
+                raise Aborted(f"no reply from a controller process in {timeout:.0f} s")
+            await sleep(0.01)
 
     async def ask(self, word: str, payload: str = "") -> list[dict[str, Any]]:
         """Send a command to every process; their replies."""
@@ -351,12 +378,8 @@ class Fleet:
         self.seq += 1
         for c in self.children:
             c.transport.write(f"{word} {self.seq} {payload}".rstrip().encode() + b"\n")
-        replies = []
-        for c in self.children:
-            line = await c.line(f"{self.seq} ", timeout=300)
-            c.lines.remove(line)
-            replies.append(json.loads(line.partition(" ")[2]))
-        return replies
+        return [json.loads((await self.reply(c, f"{self.seq} ")).partition(" ")[2])
+                for c in self.children]
 
     async def status(self) -> dict[str, Any]:
         """The processes' status, summed (C{last_equal}: the latest)."""
@@ -380,6 +403,8 @@ class Fleet:
     async def stop(self) -> None:
         from dftx.harness import poll
 
+        if self.guard is not None and self.guard.running:
+            self.guard.stop()
         for c in self.children:
             c.transport.closeStdin()
         try:
@@ -544,6 +569,7 @@ class Bench:
     async def measure(self, size: int) -> dict[str, Any]:
         fleet = Fleet(self.transport, self.cluster.seeds, size, self.args)
         r: dict[str, Any] = {"size": size, "procs": len(fleet.children)}
+        fleet.start_guard()
         try:
             t0 = time.time()
             await fleet.ask("expect", json.dumps(self.model.digests))
@@ -791,7 +817,9 @@ def commit_name() -> str:
         return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True,
                               text=True).stdout.strip()
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + (" (with local changes)" if git("status", "--porcelain", "dftx") else "")
+    code = git("log", "-1", "--format=%h", "--", "dftx")
+    dirty = " with uncommitted changes" if git("status", "--porcelain", "dftx") else ""
+    return f"{head} (dftx/ last changed in {code}{dirty})"
 
 
 async def orchestrate(args: argparse.Namespace) -> None:
