@@ -2,7 +2,9 @@
 What the bench scripts share: a child process whose output lines are
 collected (L{Child}), and their C{--markdown FILE} output: tables between
 C{<!-- bench:NAME begin -->} / C{<!-- bench:NAME end -->} markers, the
-format that C{bench/update_doc.py} copies into doc/performance.md.
+format that C{bench/update_doc.py} copies into doc/performance.md; and
+what processes cost: CPU and resident memory from /proc, and Redis nodes'
+CPU and INFO commandstats (L{RedisUsage}).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -82,3 +85,73 @@ def write_markdown(path: str | None, blocks: dict[str, str]) -> None:
         Path(path).write_text("".join(
             f"<!-- bench:{name} begin -->\n{body}<!-- bench:{name} end -->\n"
             for name, body in blocks.items()))
+
+
+# --- what a set of processes costs: /proc and Redis INFO commandstats ---------------
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process C{pid} so far (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process C{pid} (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+class RedisUsage:
+    """
+    What a set of redis-server nodes (L{dftx.harness.RedisServer}) had spent
+    at one moment: CPU seconds from /proc, and, with C{commands}, the
+    calls and microseconds of each command from INFO commandstats.  The
+    difference of two (L{since}) covers the nodes running at both moments.
+    """
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = {}
+        self.calls: dict[str, Counter[str]] = {}
+        self.usec: dict[str, Counter[str]] = {}
+
+    @classmethod
+    async def take(cls, nodes: Sequence, commands: bool = True) -> "RedisUsage":
+        usage = cls()
+        for node in nodes:
+            pid = node.process.pid
+            cpu = cpu_seconds(pid) if pid else None
+            if cpu is None:
+                continue
+            usage.cpu[node.address] = cpu
+            if commands:
+                calls, usec = Counter(), Counter()
+                for name, text in (await node.info("commandstats")).items():
+                    stats = dict(kv.split("=", 1) for kv in text.split(","))
+                    calls[name.removeprefix("cmdstat_")] = int(stats["calls"])
+                    usec[name.removeprefix("cmdstat_")] = int(stats["usec"])
+                usage.calls[node.address], usage.usec[node.address] = calls, usec
+        return usage
+
+    def since(self, earlier: "RedisUsage") -> tuple[float, Counter[str], Counter[str]]:
+        """CPU seconds, calls and microseconds per command from C{earlier}
+        to this one, summed over the nodes both saw; the INFO that took
+        C{earlier} is not counted."""
+        both = self.cpu.keys() & earlier.cpu.keys()
+        cpu = sum(self.cpu[a] - earlier.cpu[a] for a in both)
+        calls: Counter[str] = Counter()
+        usec: Counter[str] = Counter()
+        for a in both & self.calls.keys() & earlier.calls.keys():
+            calls.update(self.calls[a])
+            calls.subtract(earlier.calls[a])
+            calls["info"] -= 1
+            usec.update(self.usec[a])
+            usec.subtract(earlier.usec[a])
+        return cpu, +calls, +usec

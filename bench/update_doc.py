@@ -1,12 +1,13 @@
 """
-Run one bench script and put its tables into doc/performance.md:
+Run one bench script and put its tables into doc/performance.md (those
+of bench/fleet.py into doc/scale.md):
 
     .venv/bin/python bench/update_doc.py NAME [ARGS...]     # e.g. scale --sizes 10,100
 
 runs C{bench/NAME.py ARGS --markdown TMP} (its usual output goes to the
 terminal) and, for every block C{<!-- bench:BLOCK begin -->} ...
 C{<!-- bench:BLOCK end -->} that the run wrote, replaces the text between
-the same markers in doc/performance.md with the new table and a line naming
+the same markers in the page with the new table and a line naming
 the machine (CPUs, CPU model, Python, Twisted, redis-server) and the
 command.  A block that the document lacks is an error (nothing is written);
 the text outside the markers is kept.  C{make bench} runs this for every
@@ -27,6 +28,7 @@ from pathlib import Path
 from _common import BLOCK, REPO
 
 DOC = REPO / "doc" / "performance.md"
+PAGES = {"fleet": REPO / "doc" / "scale.md"}  # a script whose tables go elsewhere than DOC
 
 
 def blocks(text: str) -> dict[str, str]:
@@ -89,8 +91,9 @@ def main() -> None:
     if not new:
         sys.exit(f"{script} wrote no tables")
     end = footer(command)
-    DOC.write_text(replace(DOC.read_text(), {k: v + end for k, v in new.items()}))
-    print(f"{DOC.relative_to(REPO)}: rewrote {', '.join(new)}")
+    doc = PAGES.get(name, DOC)
+    doc.write_text(replace(doc.read_text(), {k: v + end for k, v in new.items()}))
+    print(f"{doc.relative_to(REPO)}: rewrote {', '.join(new)}")
 
 
 if __name__ == "__main__":

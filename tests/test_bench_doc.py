@@ -92,3 +92,25 @@ def test_scale_smoke(tmp_path):
         for n in ("2", "3")]
     assert all(r[5] == "0" for r in rows), table
     assert table in out.stdout
+
+
+def test_fleet_smoke(tmp_path):
+    """Two controllers on a small NB DB over ZeroMQ: every phase runs (load,
+    idle, writes, master kill, dfpublisher kill) and the caches come back
+    equal to the DB after each kill."""
+    md = tmp_path / "fleet.md"
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "fleet.py"), "--sizes", "2", "--procs", "1",
+         "--rows", "2000", "--topics", "20", "--idle-seconds", "1", "--writes", "20",
+         "--transports", "zmq", "--recovery-timeout", "60", "--markdown", str(md)],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    blocks = update_doc.blocks(md.read_text())
+    assert set(blocks) == {"fleet", "fleet.read", "fleet.targets"}
+    table = blocks["fleet"]
+    assert table.startswith("| transport | controllers |") and "stopped" not in table, table
+    [row] = [line.split(" | ") for line in table.splitlines()[2:3]]
+    assert row[0] == "| ZeroMQ" and row[1] == "2"
+    recovered = [float(row[k]) for k in (9, 11)]  # caches equal after a master, dfpublisher kill
+    assert all(0 < s < 60 for s in recovered), table
+    assert "differs" not in table and "missing" not in table, table
