@@ -65,6 +65,7 @@ SERVER_FIXTURES = {"redis_cluster", "redis_single", "ovsdb_server", "make_ovsdb_
 # patterns of their node ids.
 SERVER_TESTS = [
     "tests/test_bench_doc.py::test_scale_smoke",
+    "tests/test_bench_doc.py::test_fleet_smoke",
     "tests/test_nb.py::*[[]redis[]]",
     "tests/test_redis_endpoints.py::test_single_server_on_a_unix_socket",
     "tests/test_redis_tls.py::*",
