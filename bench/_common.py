@@ -14,7 +14,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- bench:(?P<name>[\w.-]+) begin -->\n(?P<body>.*?)"
@@ -155,3 +155,23 @@ class RedisUsage:
             usec.update(self.usec[a])
             usec.subtract(earlier.usec[a])
         return cpu, +calls, +usec
+
+
+def raise_nofile() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit (children inherit it)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def orchestrate_with(parser: Any, chosen: str, known: Any, orchestrate: Any, args: Any) -> None:
+    """Refuse transports not in C{known} (C{chosen}: comma-separated), then
+    run C{orchestrate(args)} under the reactor until it is done."""
+    unknown = set(chosen.split(",")) - set(known)
+    if unknown:
+        parser.error(f"unknown transports: {', '.join(sorted(unknown))}")
+    from twisted.internet import defer, task
+
+    task.react(lambda _: defer.ensureDeferred(orchestrate(args)))

@@ -69,8 +69,10 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, Child, RedisUsage, cpu_seconds, rss_bytes, table, write_markdown
-from scale import raise_nofile
+from _common import (
+    REPO, Child, RedisUsage, cpu_seconds, orchestrate_with, raise_nofile, rss_bytes, table,
+    write_markdown,
+)
 
 TRANSPORTS = {"zmq": "ZeroMQ", "redis_sharded": "Redis sharded", "redis": "Redis classic"}
 LPORT, LSWITCH = "lport", "lswitch"
@@ -901,12 +903,7 @@ def main() -> None:
     if args.role:
         controllers(args)
         return
-    unknown = set(args.transports.split(",")) - set(TRANSPORTS)
-    if unknown:
-        parser.error(f"unknown transports: {', '.join(sorted(unknown))}")
-    from twisted.internet import defer, task
-
-    task.react(lambda _: defer.ensureDeferred(orchestrate(args)))
+    orchestrate_with(parser, args.transports, TRANSPORTS, orchestrate, args)
 
 
 if __name__ == "__main__":

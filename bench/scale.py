@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _common import Child, table, write_markdown
+from _common import Child, orchestrate_with, raise_nofile, table, write_markdown
 
 TOPIC = "scale"
 TABLE = "lport"
@@ -49,13 +48,6 @@ CHUNK = 1000
 EVENTS = ("gaps", "undecodable", "restarts")  # subscriber counters that mean a loss
 TRANSPORTS = {"redis": "Redis classic", "redis_sharded": "Redis sharded",
               "zmq": "ZeroMQ (dfpublisher)"}
-
-
-def raise_nofile() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def pubsub(transport: str, where: str, relay: str | None = None):
@@ -317,12 +309,7 @@ def main() -> None:
     if args.role:
         subscribers(args.transport, args.where, args.n)
         return
-    unknown = set(args.transports.split(",")) - set(TRANSPORTS)
-    if unknown:
-        parser.error(f"unknown transports: {', '.join(sorted(unknown))}")
-    from twisted.internet import defer, task
-
-    task.react(lambda _: defer.ensureDeferred(orchestrate(args)))
+    orchestrate_with(parser, args.transports, TRANSPORTS, orchestrate, args)
 
 
 if __name__ == "__main__":
