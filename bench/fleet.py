@@ -25,9 +25,11 @@ instead of an ovsdb-server.  For each size it measures, in this order:
    each controller's periodic resync falls in it once), minus the same
    measured with no controller at all (the baseline: cluster and
    dfpublisher), per controller; the controller processes' RSS / N;
-3. NB write to cache: C{--writes} NbApi creates at C{--write-rate}/s to
-   random served topics; each controller's cache observer records when it
-   applied each one, against the send time carried in the value;
+3. NB write to cache: C{--writes} NbApi writes at C{--write-rate}/s (by
+   default one db_sync_time long, so each controller's periodic resync
+   falls in it once), each to row C{w} of a random served topic; each
+   controller's cache observer records when it applied each one, against
+   the send time carried in the value;
 4. master kill -9: first, in each served topic whose lport slot the victim
    owns, a row that every cache got but the DB no longer has (created
    through NbApi, then deleted through an NbApi whose publisher reaches
@@ -107,14 +109,20 @@ def crc(key: str, value: str) -> int:
 class Node:
     """One controller of a child process and the digests of its cache."""
 
-    def __init__(self, service: Any, topics: list[str], fleet: "Controllers") -> None:
-        self.service = service
+    def __init__(self, topics: list[str], fleet: "Controllers") -> None:
+        self.service: Any = None
         self.fleet = fleet
         self.served = [(t, p) for t in COMPARED for p in ("D", *topics)]
         self.sums: dict[str, dict[str, list[int]]] = {}
         self.dirty = set(COMPARED)
         self.changed = time.time()
         self.equal_since: float | None = None
+
+    def attach(self, service: Any) -> None:
+        """Watch C{service}'s cache (a new one after a failed start)."""
+        self.service = service
+        self.dirty = set(COMPARED)
+        self.fleet.pending.add(self)
         service.add_observer(self.observe)
 
     def observe(self, update: Any) -> None:
@@ -124,7 +132,7 @@ class Node:
         self.dirty.add(update.table)
         self.changed = now
         self.fleet.pending.add(self)
-        if update.action == "create" and update.key.startswith("w"):
+        if update.key == "w" and update.value is not None:
             self.fleet.latencies.append(now - json.loads(update.value)["t"])
             self.fleet.delivered += 1
 
@@ -164,6 +172,7 @@ class Controllers:
         self.latencies: list[float] = []
         self.delivered = 0
         self.failed = 0
+        self.restarts = 0
         self.out: Any = None
 
     def config(self, i: int) -> Any:
@@ -185,23 +194,46 @@ http_endpoint = tcp:0:interface=127.0.0.1
 """, f"<controller {i}>", "df_local_controller")
 
     async def start_one(self, i: int) -> None:
+        """Start controller C{i}; one that cannot start is replaced by a
+        new one a second later, as systemd would restart it."""
+        from twisted.internet import task
+
         from dftx.controller import ControllerService
         from dftx.harness import poll
         from dftx.testing import FakeInterfaceSource
 
         class FleetController(ControllerService):
-            """Ports from a FakeInterfaceSource, not an ovsdb-server."""
+            """Ports from a FakeInterfaceSource, not an ovsdb-server; a
+            failed start is recorded, not the end of the process (the
+            reactor is shared)."""
+
+            failure: Any = None
 
             def _start_monitor(self, endpoint: str) -> None:
                 self.monitor = FakeInterfaceSource(endpoint, self._port_event,
                                                    on_sync_end=self._ovsdb_synced)
                 self.monitor.startService()
 
-        service = FleetController(self.config(i), self.reactor)
-        self.nodes.append(Node(service, assignment(i, self.args.topics), self))
-        service.startService()
-        await poll(lambda: service.ready() is None, self.args.load_timeout,
-                   f"controller {i} ready", interval=0.1, reactor=self.reactor)
+            def _fatal(self, failure: Any) -> None:
+                sys.stderr.write(f"controller {i} cannot start (restarting it): "
+                                 f"{failure.getErrorMessage()}\n")
+                self.failure = failure
+
+        node = Node(assignment(i, self.args.topics), self)
+        self.nodes.append(node)
+        deadline = time.time() + self.args.load_timeout
+        while True:
+            service = FleetController(self.config(i), self.reactor)
+            node.attach(service)
+            service.startService()
+            await poll(lambda: service.ready() is None or service.failure is not None,
+                       deadline - time.time(), f"controller {i} ready", interval=0.1,
+                       reactor=self.reactor)
+            if service.failure is None:
+                return
+            self.restarts += 1
+            await service.stopService().addErrback(lambda _: None)
+            await task.deferLater(self.reactor, 1.0, lambda: None)
 
     def command(self, line: str) -> None:
         word, seq, *rest = line.split(" ", 2)
@@ -224,12 +256,16 @@ http_endpoint = tcp:0:interface=127.0.0.1
             node.evaluate(self.expected, self.since)
         self.pending.clear()
         equal = [n.equal_since for n in self.nodes if n.equal_since is not None]
-        counters = [n.service.mirror.counters for n in self.nodes]
-        return {"ready": sum(n.service.ready() is None for n in self.nodes),
-                "failed": self.failed, "equal": len(equal), "last_equal": max(equal, default=0),
-                "delivered": self.delivered,
-                "resyncs": sum(c["resyncs"] for c in counters),
-                "resync_errors": sum(c["resync_errors"] for c in counters)}
+        services = [n.service for n in self.nodes]
+        mirror = [s.mirror.counters for s in services]
+        sub = [s.subscriber.counters for s in services if s.subscriber is not None]
+        return {"ready": sum(s.ready() is None for s in services),
+                "failed": self.failed, "restarts": self.restarts, "equal": len(equal),
+                "last_equal": max(equal, default=0), "delivered": self.delivered,
+                "resyncs": sum(c["resyncs"] for c in mirror),
+                "resync_errors": sum(c["resync_errors"] for c in mirror),
+                **{f"subscriber_{k}": sum(c[k] for c in sub)
+                   for k in ("gaps", "restarts", "undecodable", "duplicates")}}
 
     async def run(self) -> None:
         from twisted.internet import defer, stdio
@@ -436,6 +472,7 @@ class Bench:
         self.dir = workdir / transport
         self.model = Model()
         self.keys = 0
+        self.w_rows: dict[str, str] = {}  # topic -> the value of its row "w"
         self.base: dict[str, Any] = {}
         self.cluster: Any = None
         self.publisher: Any = None
@@ -583,15 +620,23 @@ class Bench:
                 raise Aborted(f"{st['ready']:,} of {size:,} ready, {st['equal']:,} equal to "
                               f"the DB after {self.args.load_timeout:.0f} s") from None
             r["load_s"] = time.time() - t0
+            r["counters"] = {"load": await fleet.status()}
             r["idle"] = await self.idle(fleet)
             fleet.idle_cpu = r["idle"]["cpu"]
             r["rss"] = fleet.rss()
-            fleet.check()
+            r["counters"]["idle"] = await fleet.status()
             r["write"] = await self.writes(fleet)
+            r["counters"]["write"] = await fleet.status()
             r["master"] = await self.master_kill(fleet)
+            r["counters"]["master"] = await fleet.status()
             r["publisher"] = await self.publisher_kill(fleet)
+            r["counters"]["publisher"] = await fleet.status()
         except Aborted as e:
             r["aborted"] = str(e)
+            try:
+                r.setdefault("counters", {})["aborted"] = await fleet.status()
+            except Aborted:
+                pass
         finally:
             await fleet.stop()
             await self.cluster.repair(timeout=120)
@@ -609,7 +654,7 @@ class Bench:
                 raise Aborted(str(e)) from None
 
     async def writes(self, fleet: Fleet) -> dict[str, Any]:
-        """--writes NbApi creates at --write-rate/s to served topics."""
+        """--writes NbApi writes at --write-rate/s to row "w" of served topics."""
         from dftx.deferreds import gather
 
         await fleet.ask("latencies")
@@ -618,19 +663,20 @@ class Bench:
         topics = sorted(fleet.servers)
         expected, failed, sends = [0], [], []
 
-        def undo(f: Any, topic: str, key: str, value: str) -> None:
+        def failure(f: Any, topic: str) -> None:
             failed.append(f.getErrorMessage())
-            self.model.add(LPORT, topic, key, value, -1)
             expected[0] -= fleet.servers[topic]
         t0 = time.time()
         for k in range(self.args.writes):
             await sleep(t0 + k / self.args.write_rate - time.time())
-            topic, key = rng.choice(topics), self.new_key("w")
+            topic = rng.choice(topics)
             value = json.dumps({"t": time.time(), "pad": PAD})
-            self.model.add(LPORT, topic, key, value)
+            if topic in self.w_rows:
+                self.model.add(LPORT, topic, "w", self.w_rows[topic], -1)
+            self.model.add(LPORT, topic, "w", value)
+            self.w_rows[topic] = value
             expected[0] += fleet.servers[topic]
-            sends.append(self.nb.create(LPORT, key, value, topic).addErrback(
-                undo, topic, key, value))
+            sends.append(self.nb.create(LPORT, "w", value, topic).addErrback(failure, topic))
         await gather(sends)
         try:
             await fleet.wait("deliveries", lambda s: s["delivered"] >= before + expected[0], 60)
@@ -646,6 +692,7 @@ class Bench:
         from dftx.deferreds import gather
         from dftx.redis.slots import key_slot
 
+        await self.quiet(fleet)
         master = next(c for c in await self.cluster.cluster_nodes()
                       if c.is_master and c.slots and not c.failed)
         victim = self.cluster.node(master.address)
@@ -660,9 +707,9 @@ class Bench:
         for t, (k, v) in rows.items():
             self.model.add(LPORT, t, k, v, -1)
         await self.expect(fleet, "")
-        diverged = sum(1 for ts in fleet.assignments if set(ts) & set(topics))
         result = await self.recover(fleet, victim.kill)
-        result["diverged"] = diverged
+        result["diverged"] = sum(1 for ts in fleet.assignments if set(ts) & set(topics))
+        await self.cluster.repair(timeout=120)  # the victim back, as a replica
         return result
 
     async def publisher_kill(self, fleet: Fleet) -> dict[str, Any]:
@@ -670,6 +717,7 @@ class Bench:
         messages it lost)."""
         from dftx.deferreds import gather
 
+        await self.quiet(fleet)
         if self.transport == "zmq":
             rows = self.new_rows("missed", sorted(fleet.servers))
             await gather(self.unheard.create(LPORT, k, v, t) for t, (k, v) in rows.items())
@@ -689,13 +737,23 @@ class Bench:
             result["equal_s"] = None  # nothing was lost
         return result
 
+    async def quiet(self, fleet: Fleet) -> None:
+        """Wait until no resync has run for 5 s (at most 120 s)."""
+        last, calm, deadline = -1, 0, time.time() + 120
+        while calm < 5 and time.time() < deadline:
+            st = await fleet.status()
+            calm, last = (calm + 1, last) if st["resyncs"] == last else (0, st["resyncs"])
+            await sleep(1)
+
     async def recover(self, fleet: Fleet, event: Any) -> dict[str, Any]:
         """Run C{event}; the time from it until every cache equals the DB,
         and the Redis CPU from it until Redis is back at the idle rate
         (three 1-s samples at most 25% + 0.02 cores above it), less that
-        idle rate over the same time."""
+        idle rate over the same time.  C{unequal}: the caches that differed
+        from the DB at the event."""
         nodes = self.cluster.nodes
         idle_rate = fleet.idle_cpu
+        unequal = fleet.size - (await fleet.status())["equal"]
         u0, t0 = await RedisUsage.take(nodes), time.time()
         await event()
         try:
@@ -714,7 +772,8 @@ class Bench:
             prev, prev_t = cur, now
         u1, window = await RedisUsage.take(nodes), time.time() - t0
         cpu, calls, usec = u1.since(u0)
-        return {"equal_s": equal_s, "cpu": cpu - idle_rate * window, "raw_cpu": cpu,
+        return {"equal_s": equal_s, "unequal": unequal, "cpu": cpu - idle_rate * window,
+                "raw_cpu": cpu,
                 "window": window, "settled": calm >= 3, "calls": sum(calls.values()),
                 "by_command": dict(calls.most_common(6))}
 
@@ -769,6 +828,9 @@ def notes(results: dict[str, dict[str, Any]], args: argparse.Namespace, commit: 
             name = f"{TRANSPORTS[t]}, {r['size']:,} controllers"
             if "aborted" in r:
                 lines.append(f"{name}: stopped: {r['aborted']}.")
+            restarts = max((c["restarts"] for c in r.get("counters", {}).values()), default=0)
+            if restarts:
+                lines.append(f"{name}: {restarts:,} controller starts failed and were retried.")
             w = r.get("write")
             if w and (w["lost"] or w["failed"]):
                 lines.append(f"{name}: {w['lost']:,} deliveries missing, "
@@ -882,7 +944,8 @@ def main() -> None:
     parser.add_argument("--topics", type=int, default=1000, help="tenant topics")
     parser.add_argument("--idle-seconds", type=float, default=120,
                         help="the idle interval (default: one db_sync_time)")
-    parser.add_argument("--writes", type=int, default=1000, help="NB writes timed to the caches")
+    parser.add_argument("--writes", type=int, default=12000,
+                        help="NB writes timed to the caches (default: 120 s at 100/s)")
     parser.add_argument("--write-rate", type=float, default=100, help="NB writes per second")
     parser.add_argument("--transports", default="zmq,redis_sharded",
                         help="comma-separated, of " + ", ".join(TRANSPORTS))
