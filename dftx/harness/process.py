@@ -30,6 +30,8 @@ __all__ = [
     "ChildProcess",
     "ServerProcess",
     "CommandFailed",
+    "Host",
+    "LOOPBACK",
     "ServersOff",
     "find_binary",
     "free_port",
@@ -72,6 +74,30 @@ def _track(pid: int) -> None:
         atexit.register(_kill_leftovers)
         _cleanup_registered = True
     _live.add(pid)
+
+
+class Host:
+    """
+    Where a server runs: the address others reach it at, and the argv
+    prefix that runs a command there (none on this machine's loopback;
+    C{ip netns exec NS} in a L{dftx.harness.netns.Lab} namespace).
+    Commands the harness runs against a server (redis-cli, ovsdb-client)
+    run with the same prefix and reach it on that host's own 127.0.0.1, so
+    they work while the host is cut off from this process.
+    """
+
+    def __init__(self, name: str, address: str, prefix: Sequence[str] = ()) -> None:
+        self.name = name
+        self.address = address
+        self.prefix = list(prefix)
+
+    def __repr__(self) -> str:
+        return f"<Host {self.name} {self.address}>"
+
+
+LOOPBACK = Host("loopback", "127.0.0.1")
+"""This process's own host: every server of the harness runs here unless
+given another L{Host}."""
 
 
 class ServersOff(RuntimeError):
@@ -192,17 +218,18 @@ class _CommandProtocol(protocol.ProcessProtocol):
 
 
 async def run(
-    argv: Sequence[str], timeout: float = 20.0, check: bool = True, *, reactor: Any = None
+    argv: Sequence[str], timeout: float = 20.0, check: bool = True, *, reactor: Any = None,
+    host: Host = LOOPBACK,
 ) -> str:
     """
-    Run a command (first element looked up with L{find_binary}) and return
-    its stdout and stderr as text.
+    Run a command (first element looked up with L{find_binary}) on C{host}
+    and return its stdout and stderr as text.
 
     @raise CommandFailed: on a non-zero exit (when C{check}), or when it has
         not finished after C{timeout} seconds (it is then killed).
     """
     reactor = or_global_reactor(reactor)
-    argv = [find_binary(argv[0]), *argv[1:]]
+    argv = [*host.prefix, find_binary(argv[0]), *argv[1:]]
     proto = _CommandProtocol()
     proc = reactor.spawnProcess(proto, argv[0], argv, env=os.environ)
     timer = reactor.callLater(timeout, _signal_quietly, proc, "KILL")
@@ -225,13 +252,15 @@ def _signal_quietly(proc: Any, sig: str) -> None:
 
 class ChildProcess(protocol.ProcessProtocol):
     """
-    One long-running server process, its output appended to C{log_path},
-    spawned by C{reactor} (the global one when omitted).
+    One long-running server process on C{host}, its output appended to
+    C{log_path}, spawned by C{reactor} (the global one when omitted).  On a
+    namespace host the prefix (C{ip netns exec}) execs the server: the PID
+    is the server's.
     """
 
     def __init__(self, argv: Sequence[str], log_path: Path, cwd: Path,
-                 reactor: Any = None) -> None:
-        self.argv = [find_binary(argv[0]), *argv[1:]]
+                 reactor: Any = None, host: Host = LOOPBACK) -> None:
+        self.argv = [*host.prefix, find_binary(argv[0]), *argv[1:]]
         self.log_path = log_path
         self.cwd = cwd
         self.reactor = or_global_reactor(reactor)
