@@ -83,6 +83,16 @@ class DfSettings:
         "Publisher public keys this service's subscriber accepts (file or "
         "directory); empty: the key in each publisher's row of table publisher.",
         "path")
+    zmq_heartbeat_interval: float = option(
+        2.0, seconds,
+        "Seconds between ZeroMQ heartbeats (ZMTP PING) on every PUB and SUB socket, "
+        "so that a silent network cut (no FIN or RST) is a disconnection: the "
+        "subscriber then resyncs once reconnected (doc/reliability.md).", "seconds")
+    zmq_heartbeat_timeout: float = option(
+        6.0, seconds,
+        "Seconds without any traffic after which a ZeroMQ connection counts as "
+        "dead and is closed (by both sides); a silent cut is noticed within "
+        "zmq_heartbeat_interval + this. At least zmq_heartbeat_interval.", "seconds")
 
 
 @dataclass(frozen=True)
@@ -315,6 +325,9 @@ def _check_together(config: Config) -> None:
         for key in ("zmq_curve_secret_key_file", "zmq_curve_allowed_keys"):
             if not getattr(df, key):
                 raise ConfigError(config.path, "required when zmq_curve = true", "df", key)
+    if df.zmq_heartbeat_timeout < df.zmq_heartbeat_interval:
+        raise ConfigError(config.path, "must be at least zmq_heartbeat_interval", "df",
+                          "zmq_heartbeat_timeout")
     if r.tls and not r.ca_file:
         raise ConfigError(config.path, "required when tls = true", "df_redis", "ca_file")
     if bool(r.cert_file) != bool(r.key_file):

@@ -28,28 +28,40 @@ class Deployment:
     @param topics: tenant topics every controller subscribes to beyond C{"D"}.
     @param reactor: runs the processes, the timers and the NB DB client (the
         global one when omitted).
+    @param lab: a started L{dftx.harness.netns.Lab}: dfpublisher runs on host
+        C{publisher}, each controller with its ovsdb-server on host
+        C{computeN}; the NB writer stays in this process (the lab's root
+        host), reaching dfpublisher over its ipc socket.  Omitted: loopback.
+    @param wait_replicas: the NB writer's C{wait_replicas} (Redis WAIT).
     """
 
     def __init__(self, base_dir: Path, cluster: RedisCluster, controllers: int = 2,
                  pub_sub_driver: str = "zmq", publisher_timeout: int = 6,
                  db_sync_time: float = 5, tables: str = "lport,lswitch,chassis",
-                 topics: Sequence[str] = (), reactor: Any = None) -> None:
+                 topics: Sequence[str] = (), reactor: Any = None, lab: Any = None,
+                 wait_replicas: int = 0) -> None:
         self.dir = Path(base_dir)
         self.cluster = cluster
         self.pub_sub_driver = pub_sub_driver
         self.reactor = or_global_reactor(reactor)
+        self.wait_replicas = wait_replicas
         seeds = cluster.seeds
+
+        def on(name: str) -> dict[str, Any]:
+            return {} if lab is None else {"host": lab.host(name)}
+
         self.publisher = DftxService.publisher(
             self.dir / "dfpublisher", seeds, pub_sub_driver, publisher_timeout,
-            reactor=self.reactor)
-        self.ovsdbs = [OvsdbServer(self.dir / f"ovsdb{i + 1}", reactor=self.reactor)
-                       for i in range(controllers)]
+            reactor=self.reactor, **on("publisher"))
+        computes = [on(f"compute{i + 1}") for i in range(controllers)]
+        self.ovsdbs = [OvsdbServer(self.dir / f"ovsdb{i + 1}", reactor=self.reactor, **host)
+                       for i, host in enumerate(computes)]
         self.controllers = [
             DftxService.controller(
                 self.dir / f"compute{i + 1}", seeds, f"compute{i + 1}", ovsdb.tcp,
                 pub_sub_driver, publisher_timeout, tables, db_sync_time,
-                extra=f"topics = {','.join(topics)}", reactor=self.reactor)
-            for i, ovsdb in enumerate(self.ovsdbs)
+                extra=f"topics = {','.join(topics)}", reactor=self.reactor, **host)
+            for i, (ovsdb, host) in enumerate(zip(self.ovsdbs, computes))
         ]
         self.db: Any = None
         self.nb: Any = None
@@ -68,7 +80,8 @@ class Deployment:
         await self.publisher.start()
         for controller in self.controllers:
             await controller.start()
-        self.db = RedisDbDriver(hosts=self.cluster.seeds, reactor=self.reactor)
+        self.db = RedisDbDriver(hosts=self.cluster.seeds, reactor=self.reactor,
+                                wait_replicas=self.wait_replicas)
         await self.db.initialize()
         if self.pub_sub_driver == "zmq":
             self._writer = ZmqPubSub(relay=self.publisher.ipc).get_publisher()

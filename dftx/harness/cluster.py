@@ -15,7 +15,7 @@ from twisted.internet import defer
 
 from dftx.harness.cluster_nodes import CLUSTER_SLOTS, ClusterNode, parse_cluster_nodes
 from dftx.deferreds import or_global_reactor
-from dftx.harness.process import CommandFailed, poll, run
+from dftx.harness.process import CommandFailed, Host, poll, run
 from dftx.harness.redis import RedisServer
 
 __all__ = ["RedisCluster"]
@@ -27,6 +27,8 @@ class RedisCluster:
     loopback.  C{node_timeout_ms} is cluster-node-timeout: a killed master
     is failed over after about that long plus the election (3-5 s at 2000).
     C{reactor} runs its processes and timers (the global one when omitted).
+    C{hosts}, one per node (masters first), puts each node on its own host
+    (L{dftx.harness.netns.Lab}); omitted, every node is on loopback.
     """
 
     def __init__(
@@ -36,21 +38,25 @@ class RedisCluster:
         replicas: int = 1,
         node_timeout_ms: int = 2000,
         reactor: Any = None,
+        hosts: Sequence[Host] | None = None,
     ) -> None:
         self.reactor = or_global_reactor(reactor)
         self._own_dir = base_dir is None
         self.dir = Path(base_dir or tempfile.mkdtemp(prefix="dftx-cluster-"))
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
+        count = masters * (1 + replicas)
+        if hosts is not None and len(hosts) != count:
+            raise ValueError(f"{len(hosts)} hosts for {count} nodes")
         self.nodes = [
             RedisServer(self.dir, cluster=True, node_timeout_ms=node_timeout_ms,
-                        reactor=self.reactor)
-            for _ in range(masters * (1 + replicas))
+                        reactor=self.reactor, **({} if hosts is None else {"host": hosts[i]}))
+            for i in range(count)
         ]
 
     @property
     def seeds(self) -> list[str]:
-        """Every node's C{"127.0.0.1:port"}, for a client's host list."""
+        """Every node's C{"host:port"}, for a client's host list."""
         return [n.address for n in self.nodes]
 
     def node(self, address: str) -> RedisServer:
@@ -306,7 +312,7 @@ class RedisCluster:
             if not batch:
                 return moved
             await src.cli(
-                "MIGRATE", "127.0.0.1", str(dst.port), "", "0", "10000",
+                "MIGRATE", dst.host.address, str(dst.port), "", "0", "10000",
                 "REPLACE", "KEYS", *batch,
             )
             moved += len(batch)

@@ -11,7 +11,7 @@ from twisted.internet import endpoints
 
 from dftx.deferreds import or_global_reactor
 from dftx.harness.process import (
-    ChildProcess, CommandFailed, ServerProcess, free_port, poll, run,
+    LOOPBACK, ChildProcess, CommandFailed, Host, ServerProcess, free_port, poll, run,
 )
 from dftx.ovsdb.jsonrpc import JsonRpcProtocol
 
@@ -28,7 +28,8 @@ class OvsdbServer(ServerProcess):
     gives monitor_cond_since real transaction ids.  C{extra_args} go to
     ovsdb-server (e.g. a C{--remote=pssl:...} with its key and certificates).
     C{reactor} runs its processes, timers and connections (the global one
-    when omitted).
+    when omitted).  On another C{host} (a lab namespace) its tcp remote is
+    that host's 127.0.0.1, for the controller beside it.
     """
 
     def __init__(
@@ -38,8 +39,10 @@ class OvsdbServer(ServerProcess):
         schema: str = VSWITCH_SCHEMA,
         extra_args: Sequence[str] = (),
         reactor: Any = None,
+        host: Host = LOOPBACK,
     ) -> None:
         self.reactor = or_global_reactor(reactor)
+        self.host = host
         self._own_dir = base_dir is None
         self.dir = Path(base_dir or tempfile.mkdtemp(prefix="dftx-ovsdb-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +65,7 @@ class OvsdbServer(ServerProcess):
             self.dir / "ovsdb-server.log",
             self.dir,
             self.reactor,
+            host,
         )
 
     @property
@@ -95,7 +99,7 @@ class OvsdbServer(ServerProcess):
         if not self.process.running:
             raise RuntimeError(f"exited; see {self.process.log_path}")
         dbs = await run(["ovsdb-client", "--timeout=2", "list-dbs", self.tcp], timeout=3,
-                        reactor=self.reactor)
+                        reactor=self.reactor, host=self.host)
         return "Open_vSwitch" in dbs.split()
 
     async def vsctl(self, *args: str, timeout: float = 20.0) -> str:

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from dftx.deferreds import or_global_reactor
-from dftx.harness.process import ChildProcess, ServerProcess, find_binary, free_port, poll, run
+from dftx.harness.process import (
+    LOOPBACK, ChildProcess, Host, ServerProcess, find_binary, free_port, poll, run,
+)
 
 __all__ = [
     "SERVER_ENV",
@@ -98,7 +100,9 @@ class RedisServer(ServerProcess):
     SAVE leaves data for a restart.  With C{cluster}, it is a
     cluster-enabled node that keeps its node id (nodes.conf) across
     L{restart}.  C{reactor} runs its processes and timers (the global one
-    when omitted).
+    when omitted).  On another C{host} (a lab namespace) it listens on that
+    host's address and its 127.0.0.1, and a cluster node announces the
+    host's address; redis-cli runs there.
     """
 
     def __init__(
@@ -108,8 +112,10 @@ class RedisServer(ServerProcess):
         node_timeout_ms: int = 2000,
         extra_args: Sequence[str] = (),
         reactor: Any = None,
+        host: Host = LOOPBACK,
     ) -> None:
         self.reactor = or_global_reactor(reactor)
+        self.host = host
         self.port = free_port(also_free=(10000,) if cluster else ())
         self.dir = Path(base_dir) / f"redis-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +124,7 @@ class RedisServer(ServerProcess):
         args = [
             server_binary(),
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", *dict.fromkeys([host.address, "127.0.0.1"]),
             "--dir", str(self.dir),
             "--save", "",
             "--appendonly", "no",
@@ -132,14 +138,16 @@ class RedisServer(ServerProcess):
                 "--cluster-config-file", str(self.dir / "nodes.conf"),
                 "--cluster-node-timeout", str(node_timeout_ms),
             ]
+            if host is not LOOPBACK:
+                args += ["--cluster-announce-ip", host.address]
         self.process = ChildProcess(
-            [*args, *extra_args], self.dir / "redis.log", self.dir, self.reactor
+            [*args, *extra_args], self.dir / "redis.log", self.dir, self.reactor, host
         )
 
     @property
     def address(self) -> str:
-        """C{"127.0.0.1:port"}."""
-        return f"127.0.0.1:{self.port}"
+        """C{"host:port"} (C{"127.0.0.1:port"} on loopback)."""
+        return f"{self.host.address}:{self.port}"
 
     def __repr__(self) -> str:
         return f"<RedisServer {self.address} pid={self.process.pid}>"
@@ -148,7 +156,7 @@ class RedisServer(ServerProcess):
         """Run one command with redis-cli and return its raw output, stripped."""
         out = await run(
             ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
-            timeout=timeout, reactor=self.reactor,
+            timeout=timeout, reactor=self.reactor, host=self.host,
         )
         return out.strip()
 

@@ -40,6 +40,8 @@ from dftx.errors import PublishError
 from dftx.pubsub import curve as _curve
 from dftx.pubsub.api import IPubSub, IPublisher, PublisherBase
 from dftx.pubsub.curve import CurveSettings
+from dftx.pubsub.zmq_heartbeat import Heartbeat
+from dftx.pubsub.zmq_heartbeat import apply as apply_heartbeat
 from dftx.pubsub.zmq_socket import DEFAULT_HWM, DEFAULT_LINGER, DEFAULT_SEND_QUEUE, ZmqSocket
 from dftx.pubsub.zmq_subscriber import ZmqSubscriber
 
@@ -68,6 +70,7 @@ class ZmqPublisher(PublisherBase):
         curve: CurveSettings | None = None,
         server_key: bytes | None = None,
         reactor: Any = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         if (bind is None) == (relay is None):
             raise ValueError("a ZeroMQ publisher needs exactly one of bind and relay")
@@ -82,6 +85,7 @@ class ZmqPublisher(PublisherBase):
         self.curve = curve
         self._server_key = server_key
         self._reactor = reactor
+        self._heartbeat = heartbeat
         self.curve_domain: str | None = None
 
     @property
@@ -127,6 +131,7 @@ class ZmqPublisher(PublisherBase):
                 sock.connect(self.address)
                 self.uri = self.address
             else:
+                apply_heartbeat(sock.socket, self._heartbeat)
                 if self.curve is not None:
                     self.curve_domain = _curve.zap_handler(self._reactor).register(
                         self.curve.allowed, "dftx-pub")
@@ -185,6 +190,8 @@ class ZmqPubSub:
         subscribers CURVE clients (see the module docstring).
     @param relay_server_key: with C{curve} and a tcp C{relay}, the relay's
         public key (an ipc relay needs none).
+    @param heartbeat: ZeroMQ heartbeats on PUB and SUB sockets
+        (L{dftx.pubsub.zmq_heartbeat}); None: none.
     @param reactor: the reactor of every socket and timer (default: the
         global reactor, taken when the first socket is made).
 
@@ -201,6 +208,7 @@ class ZmqPubSub:
         curve: CurveSettings | None = None,
         relay_server_key: bytes | None = None,
         reactor: Any = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         if bind is not None and relay is not None:
             raise ValueError("give bind or relay, not both")
@@ -212,21 +220,25 @@ class ZmqPubSub:
         self.curve = curve
         self.relay_server_key = relay_server_key
         self.reactor = reactor
+        self.heartbeat = heartbeat
 
     @classmethod
     def from_config(cls, config: Any, bind: str | None = None, relay: str | None = None,
                     reactor: Any = None) -> ZmqPubSub:
-        """With the CURVE settings of [df] (L{CurveSettings.from_config})."""
+        """With the CURVE and heartbeat settings of [df] (L{CurveSettings.from_config})."""
+        df = config.df
         return cls(bind=bind, relay=relay, curve=CurveSettings.from_config(config),
-                   reactor=reactor)
+                   reactor=reactor,
+                   heartbeat=Heartbeat(df.zmq_heartbeat_interval, df.zmq_heartbeat_timeout))
 
     def get_publisher(self, publisher_id: str | None = None) -> ZmqPublisher:
         """@raise ValueError: on an instance made without bind or relay."""
         if self.bind is None and self.relay is None:
             raise ValueError("this ZmqPubSub was made without bind or relay: no publisher")
         return ZmqPublisher(self.bind, self.relay, publisher_id, self.hwm, self.send_queue,
-                            self.linger, self.curve, self.relay_server_key, self.reactor)
+                            self.linger, self.curve, self.relay_server_key, self.reactor,
+                            self.heartbeat)
 
     def get_subscriber(self) -> ZmqSubscriber:
-        return ZmqSubscriber(self.hwm, self.curve, self.reactor)
+        return ZmqSubscriber(self.hwm, self.curve, self.reactor, self.heartbeat)
 

@@ -32,6 +32,8 @@ from dftx.errors import ProtocolError, SubscribeError
 from dftx.pubsub import curve as _curve
 from dftx.pubsub.api import Callback, ISubscriber, SubscriberBase
 from dftx.pubsub.curve import CurveSettings
+from dftx.pubsub.zmq_heartbeat import Heartbeat
+from dftx.pubsub.zmq_heartbeat import apply as apply_heartbeat
 from dftx.pubsub.zmq_socket import DEFAULT_HWM, ZmqSocket
 from dftx.update import SEND_ALL_TOPIC, SYNC, DbUpdate
 
@@ -82,14 +84,17 @@ class ZmqSubscriber(SubscriberBase):
 
     @param reactor: the reactor of its sockets and of its reconnection
         checks (default: the global reactor, taken at L{initialize}).
+    @param heartbeat: ZeroMQ heartbeats on the SUB socket, so that a silent
+        cut is a disconnection (counted in C{counters["disconnects"]}).
     """
 
     def __init__(self, hwm: int = DEFAULT_HWM, curve: CurveSettings | None = None,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, heartbeat: Heartbeat | None = None) -> None:
         super().__init__()
         self._hwm = hwm
         self.curve = curve
         self._reactor = reactor
+        self._heartbeat = heartbeat
         self._server_keys: dict[str, bytes] = {}
         self._socket: ZmqSocket | None = None
         self._monitor: ZmqSocket | None = None
@@ -106,6 +111,7 @@ class ZmqSubscriber(SubscriberBase):
         self._socket = ZmqSocket(zmq.SUB, "zmq SUB", self._hwm, on_message=self._frames,
                                  reactor=self._reactor)
         self._socket.socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+        apply_heartbeat(self._socket.socket, self._heartbeat)
         if self.curve is not None:
             _curve.apply_client(self._socket.socket, self.curve.keys)
         watch = f"inproc://dftx-sub-monitor-{id(self._socket)}"
@@ -158,6 +164,7 @@ class ZmqSubscriber(SubscriberBase):
             return
         if event["event"] == zmq.EVENT_DISCONNECTED:
             if endpoint in self._joined:
+                self.counters["disconnects"] += 1
                 self._lost.add(endpoint)
                 self.log.info("disconnected from publisher {uri}", uri=endpoint)
                 # ZeroMQ reconnects after a lost connection, but not after
