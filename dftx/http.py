@@ -56,6 +56,10 @@ class IStatusSource(Interface):
     def ready():
         """@return: None when ready, otherwise text saying what is missing."""
 
+    def degraded():
+        """@return: None when healthy, otherwise text saying what fails
+        while the service keeps serving (e.g. the NB DB is unreachable)."""
+
     def status():
         """@return: a JSON-ready dict (GET /v1/status)."""
 
@@ -138,7 +142,8 @@ class Health(_Leaf):
         missing = self.source.ready()
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         if missing is None:
-            return b"ok\n"
+            degraded = self.source.degraded()
+            return b"ok\n" if degraded is None else f"degraded: {degraded}\n".encode("utf-8")
         request.setResponseCode(503)
         return f"not ready: {missing}\n".encode("utf-8")
 

@@ -252,8 +252,15 @@ class RoleService(service.Service):
         """None when ready, otherwise what is missing."""
         return self.missing
 
+    def degraded(self) -> str | None:
+        """None while the NB DB answers; otherwise why not: the last refresh
+        of its registration (every publisher_timeout / 3 s) failed.  The
+        service keeps serving meanwhile (C{/healthz} 200 C{degraded: ...})."""
+        reg = self.registration
+        return None if reg is None or reg.failing is None else f"NB database: {reg.failing}"
+
     def status(self) -> dict[str, Any]:
-        """C{GET /v1/status}: role, dftx's version, readiness, its
+        """C{GET /v1/status}: role, dftx's version, readiness, C{degraded}, its
         registration, CURVE, the cluster topology, subscriptions, counters
         (L{_counters})."""
         topology = getattr(getattr(self.db, "client", None), "topology", None)
@@ -263,6 +270,7 @@ class RoleService(service.Service):
             "version": __version__,
             "ready": self.missing is None,
             "not_ready": self.missing,
+            "degraded": self.degraded(),
             "publisher": None if reg is None else {"id": reg.id, "uri": reg.uri},
             "curve": curve_status(self.publisher),
             "cluster": topology.as_dict() if topology is not None else None,

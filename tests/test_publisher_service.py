@@ -335,7 +335,7 @@ def test_both_services_report_the_shared_status_and_their_own(tmp_path):
     path.write_text("[df]\nnb_db_driver = memory\n[df_local_controller]\nchassis_name = c1\n")
     options = runner.Options()
     options.parseOptions(["--config", str(path)])
-    shared = {"role", "version", "ready", "not_ready", "publisher", "curve", "cluster",
+    shared = {"role", "version", "ready", "not_ready", "degraded", "publisher", "curve", "cluster",
               "subscriptions", "counters"}
     shared_metrics = [("dftx_ready", "gauge"), ("dftx_build_info", "gauge")]
     histograms = [("dftx_delivery_lag_seconds", "histogram"), ("dftx_resync_seconds", "histogram")]

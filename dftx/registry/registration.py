@@ -39,7 +39,8 @@ class Registration(service.Service):
     With C{publisher}, the creation and the deletion are also published on
     C{"D"}.  With C{clean_stale} (the publisher service), every refresh
     also runs L{remove_stale}.  A failed refresh is logged and retried at
-    the next one.
+    the next one; until one succeeds, L{failing} says why (the periodic
+    write is the service's probe of the NB DB: see L{dftx.service}).
     """
 
     def __init__(self, db: Any, publisher_id: str, uri: str, role: str, timeout: float,
@@ -58,6 +59,7 @@ class Registration(service.Service):
         self.clock = clock
         self.curve_public_key = curve_public_key
         self.refreshes = 0
+        self.failing: str | None = None
         self.removed: list[str] = []
         self.started: defer.Deferred[None] = defer.Deferred()
         self._loop: task.LoopingCall | None = None
@@ -100,7 +102,9 @@ class Registration(service.Service):
         try:
             await self._write()
             self.refreshes += 1
+            self.failing = None
         except DftxError as e:
+            self.failing = f"refreshing publisher row {self.id} failed: {e}"
             log.warn("refreshing publisher rows {id} failed: {error}", id=self.id, error=e)
         if self.clean_stale:
             await self._clean()
