@@ -8,7 +8,7 @@ APT_PACKAGES = redis-server redis-tools openvswitch-common openvswitch-switch
 NEEDED = /usr/bin/redis-server /usr/bin/redis-cli /usr/sbin/ovsdb-server \
          /usr/bin/ovs-vsctl /usr/share/openvswitch/vswitch.ovsschema
 
-.PHONY: test test-valkey test-py312 test-py313 soak sandbox docs bench system-deps venv clean
+.PHONY: test test-valkey test-py312 test-py313 soak partitions sandbox docs bench system-deps venv clean
 
 # The whole suite on Redis (Debian's redis-server) with $(PYTHON).
 test: system-deps venv
@@ -44,6 +44,11 @@ test-py312 test-py313: test-py%: .venv%/.installed
 # The long fault-injection variants (tests marked soak), left out of make test.
 soak: system-deps venv
 	$(VENV)/bin/pytest -m soak $(PYTEST_ARGS)
+
+# Network partitions under load in a lab of network namespaces (tests marked
+# partitions, left out of make test): needs root; fails, never skips, without.
+partitions: system-deps venv
+	$(VENV)/bin/pytest -m partitions tests/test_partitions.py $(PYTEST_ARGS)
 
 # A whole deployment on loopback with a narrated scenario; SANDBOX_ARGS=--once
 # stops after it instead of running until Ctrl-C.

@@ -45,6 +45,7 @@ class Deployment:
         self.pub_sub_driver = pub_sub_driver
         self.reactor = or_global_reactor(reactor)
         self.wait_replicas = wait_replicas
+        self.lab = lab
         seeds = cluster.seeds
 
         def on(name: str) -> dict[str, Any]:

@@ -67,6 +67,7 @@ SERVER_TESTS = [
     "tests/test_bench_doc.py::test_scale_smoke",
     "tests/test_bench_doc.py::test_fleet_smoke",
     "tests/test_nb.py::*[[]redis[]]",
+    "tests/test_partitions.py::*",
     "tests/test_redis_endpoints.py::test_single_server_on_a_unix_socket",
     "tests/test_redis_tls.py::*",
     "tests/test_sandbox.py::*",

@@ -188,9 +188,13 @@ class Lab:
         return None if host is self.root else f"{self.tag}-{host.name}"
 
     def host(self, name: str) -> Host:
-        """A new host C{name}: its namespace, veth to the bridge and address."""
-        if name in self.hosts or name in ("br", "root"):
-            raise ValueError(f"host {name} exists")
+        """Host C{name}, made on first use (its namespace, veth to the bridge
+        and address), the same one afterwards (a test after another reuses
+        the hosts: what ran there was stopped)."""
+        if name in self.hosts:
+            return self.hosts[name]
+        if name in ("br", "root"):
+            raise ValueError(f"{name} is a reserved host name")
         ns = f"{self.tag}-{name}"
         n = len(self.hosts) + 10
         _ip("netns", "add", ns)
