@@ -19,6 +19,9 @@ Marked C{partitions}: not run by C{make test}; C{make partitions} runs them
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -28,7 +31,7 @@ from twisted.internet import defer, reactor, task
 
 from dftx.db.redis import RedisDbDriver
 from dftx.harness import RedisCluster, poll
-from dftx.harness.netns import Lab, LabUnavailable
+from dftx.harness.netns import PREFIX, Lab, LabUnavailable, sweep
 from dftx.sandbox import Deployment
 
 from .faults_common import TABLE, Faulted, tenant_topics
@@ -45,6 +48,54 @@ DROP_BOUND = 20.0  # publisher_timeout (6 s) + two discovery intervals (2 s) + s
 
 def _block(coro: Any) -> Any:
     return pytest_twisted.blockon(defer.ensureDeferred(coro))
+
+
+def _lab_namespaces(pid: int) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"{PREFIX}{pid}-")]
+
+
+def test_lab_refuses_without_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(LabUnavailable, match="needs root .* uid 1000"):
+        Lab().start()
+
+
+@pytest.mark.parametrize("ending", ["exit", "sigterm", "kill -9, then a sweep"])
+def test_lab_leaves_nothing_behind(ending):
+    """A lab in a child process: its namespaces, the processes in them, its
+    links and its routes are gone after a normal exit (atexit), a SIGTERM,
+    or a kill -9 followed by another lab's sweep."""
+    script = (
+        "import os, signal, subprocess\n"
+        "from dftx.harness.netns import Lab\n"
+        "lab = Lab().start()\n"
+        "host = lab.host('a')\n"
+        "lab.cut(lab.root, host)\n"
+        "sleeper = subprocess.Popen([*host.prefix, 'sleep', '600'], stdout=subprocess.DEVNULL,\n"
+        "                           stderr=subprocess.DEVNULL)\n"
+        "print(os.getpid(), sleeper.pid, flush=True)\n"
+        f"if {ending!r} == 'sigterm': os.kill(os.getpid(), signal.SIGTERM)\n"
+        f"if {ending!r}.startswith('kill'): os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    pid, sleeper = map(int, child.stdout.split())
+    if ending.startswith("kill"):
+        assert _lab_namespaces(pid), "a killed lab leaves its namespaces"
+        assert set(sweep()) >= {f"{PREFIX}{pid}-a", f"{PREFIX}{pid}-br"}
+    assert not _lab_namespaces(pid), child.stderr
+    assert not _alive(sleeper)
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    assert f"dl{pid}" not in routes and "blackhole" not in routes, routes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.fixture(scope="module")

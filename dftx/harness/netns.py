@@ -43,10 +43,13 @@ from typing import Any, Iterable
 
 from dftx.harness.process import Host, find_binary
 
-__all__ = ["Lab", "LabUnavailable", "PREFIX", "sweep"]
+__all__ = ["Lab", "LabUnavailable", "PREFIX", "ROUTE_PROTO", "check_available", "sweep"]
 
 PREFIX = "dftx"
 """Every lab namespace is named C{dftx<pid>-...}."""
+ROUTE_PROTO = "211"
+"""The routing protocol number of the blackhole routes a lab adds in this
+namespace (the root host's cuts), by which L{sweep} finds those of dead labs."""
 
 
 class LabUnavailable(RuntimeError):
@@ -96,11 +99,23 @@ def _kill_and_delete(namespaces: Iterable[str]) -> None:
 def sweep() -> list[str]:
     """
     Delete the namespaces of labs whose process no longer runs (and kill
-    what still runs in them).  @return: the namespaces deleted.
+    what still runs in them), and their cuts in this namespace (blackhole
+    routes of L{ROUTE_PROTO} outside every live lab's subnet).
+    @return: the namespaces deleted.
     """
     stale = [ns for ns in _namespaces()
              if (pid := _lab_pid(ns)) is not None and pid != os.getpid() and not _pid_alive(pid)]
     _kill_and_delete(stale)
+    for pid in {_lab_pid(ns) for ns in stale}:
+        _ip("link", "del", f"dl{pid}", check=False)  # now, not when the kernel gets to it
+    live = [ipaddress.ip_interface(word).network
+            for line in _ip("-4", "-o", "addr", "show").splitlines()
+            if (name := line.split()[1]).startswith("dl") and name[2:].isdigit()
+            and _pid_alive(int(name[2:])) for word in line.split()[3:4]]
+    for address in _ip("route", "show", "type", "blackhole", "proto", ROUTE_PROTO).split():
+        if address[:1].isdigit() and not any(ipaddress.ip_address(address.split("/")[0]) in n
+                                             for n in live):
+            _ip("route", "del", "blackhole", address, check=False)
     return stale
 
 
@@ -214,7 +229,7 @@ class Lab:
     def _route(self, action: str, src: Host, dst: Host) -> None:
         ns = self.namespace(src)
         args = ("route", action, "blackhole", f"{dst.address}/32")
-        _ip(*args) if ns is None else self._in(ns, *args)
+        _ip(*args, "proto", ROUTE_PROTO) if ns is None else self._in(ns, *args)
 
     def cut(self, src: Host, dst: Host) -> None:
         """One way: C{src} can no longer send to C{dst} (C{dst} still sends
@@ -258,7 +273,8 @@ class Lab:
         self._open = False
         for name, address in self._cuts:
             if name == "root":
-                _ip("route", "del", "blackhole", f"{address}/32", check=False)
+                _ip("route", "del", "blackhole", f"{address}/32", "proto", ROUTE_PROTO,
+                    check=False)
         self._cuts.clear()
         _kill_and_delete([self.namespace(h) for h in self.hosts.values()])
         _kill_and_delete([self.bridge_ns])
