@@ -21,9 +21,11 @@ from dftx.nb import NbApi
 from dftx.redis.slots import key_slot
 from dftx.sandbox import Deployment
 
-__all__ = ["LANES", "RATE", "RECOVERY", "TABLE", "Faulted", "Load", "resyncs", "tenant_topics"]
+__all__ = ["LANES", "MAX_RSS", "RATE", "RECOVERY", "TABLE", "Faulted", "Load", "resyncs",
+           "rss_mb", "tenant_topics"]
 
 TABLE = "lport"
+MAX_RSS = 400  # MiB: the resident memory of each service after a fault (~60-70 measured)
 RECOVERY = 30.0  # seconds from the end of a fault to the invariant holding
 RATE = 100  # writes per second, all lanes together
 LANES = 4
@@ -154,6 +156,9 @@ class Faulted:
                 f"{len(extra)} extra, {len(changed)} differ; hook re-writes {self.load.rewrites}, "
                 f"watcher {dict(self.watcher.counters)}; controller "
                 f"{(await controller.json('/v1/status'))['counters']}")
+        for service in [self.d.publisher, *self.d.controllers]:
+            assert service.process.running, f"{service.dir.name} exited"
+            assert rss_mb(service) < MAX_RSS, f"{service.dir.name}: {rss_mb(service):.0f} MiB"
         return True
 
     async def stop(self) -> None:
@@ -181,3 +186,11 @@ async def tenant_topics(cluster: Any, per_master: int = 2) -> list[str]:
             topics.append(topic)
         i += 1
     return topics
+
+
+def rss_mb(service: Any) -> float:
+    """The resident memory of a service's process, in MiB."""
+    for line in open(f"/proc/{service.process.pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")

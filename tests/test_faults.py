@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -33,7 +32,7 @@ from dftx.db.redis import RedisDbDriver
 from dftx.redis.slots import key_slot
 from dftx.sandbox import Deployment
 from dftx.harness import poll
-from .faults_common import RECOVERY, TABLE, Faulted, tenant_topics
+from .faults_common import RECOVERY, TABLE, Faulted, rss_mb, tenant_topics
 
 aio = pytest_twisted.ensureDeferred
 
@@ -225,14 +224,6 @@ async def _ports_are(controller, names):
 async def _port_status_is(d, want):
     rows = await d.db_table("port_status")
     return {k: rows.get(k, {}).get("status") for k in want} == want
-
-
-def rss_mb(service: Any) -> float:
-    """The resident memory of a service's process, in MiB."""
-    for line in open(f"/proc/{service.process.pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 BURST = 100_000

@@ -346,10 +346,14 @@ async def test_asymmetric_cut_between_a_controller_and_a_master(partitioned):
     errors = await _counter(controller, "resync_errors")
     # Every controller resyncs now: this one cannot read that master's slots.
     await d.nb.db_restart()
+    t0 = time.monotonic()
     await poll(lambda: _counter_above(controller, "resync_errors", errors), 30,
                "the controller's resync failing")
+    failed = time.monotonic() - t0
     await f.load.acked_more(100)
     lab.heal()
+    _say(f"asymmetric cut: the controller's resync failed {failed:.2f}s after the dbrestart "
+         f"({await _counter(controller, 'resync_errors') - errors} failed attempts before the heal)")
     await f.recovered("asymmetric cut controller -> master", min_resyncs=1)
 
 
@@ -357,10 +361,16 @@ async def test_asymmetric_cut_between_a_controller_and_a_master(partitioned):
 async def test_flapping_compute_link(partitioned):
     f = partitioned
     d, lab = f.d, f.d.lab
-    host = d.controllers[0].host
+    controller = d.controllers[0]
+    host = controller.host
+    before = (await controller.json("/v1/status"))["counters"]
     for _ in range(30):  # the fault's shape: down 0.5 s, up 0.5 s, for 30 s
         lab.link(host, False)
         await task.deferLater(reactor, 0.5, lambda: None)
         lab.link(host, True)
         await task.deferLater(reactor, 0.5, lambda: None)
+    after = (await controller.json("/v1/status"))["counters"]
+    _say("flapping link: " + ", ".join(
+        f"{k} +{after.get(k, 0) - before.get(k, 0)}"
+        for k in ("subscriber_disconnects", "subscriber_gaps", "resyncs", "resync_errors")))
     await f.recovered("compute link down/up every second for 30 s", min_resyncs=0)
