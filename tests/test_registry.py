@@ -275,6 +275,27 @@ async def test_discovery_follows_the_other_role_only():
 
 
 @pytest_twisted.ensureDeferred
+async def test_discovery_keeps_a_stale_publisher_while_its_connection_is_up():
+    """A publisher cut off from the NB DB cannot refresh its row but still
+    relays: its subscribers keep it while their connection to it is up."""
+    db, clock = MemoryDbDriver(), task.Clock()
+    clock.advance(1000)
+    await put(db, "n1", "tcp://127.0.0.1:7001", NEUTRON_SERVER, 1000)
+    sub = Addresses()
+    up = {"tcp://127.0.0.1:7001"}
+    sub.is_connected = lambda uri: uri in up
+    disc = Discovery(db, sub, LOCAL_CONTROLLER, timeout=30, interval=5, clock=clock)
+    disc.startService()
+    await disc.ready
+    clock.advance(60)  # its row is 60 s old: stale
+    assert disc.connected == {"tcp://127.0.0.1:7001"}
+    up.clear()  # the connection is lost (a heartbeat timeout, the process gone)
+    clock.advance(5)
+    assert disc.connected == set() and sub.addresses == set()
+    await disc.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_discovery_of_the_publisher_service_reads_the_controllers_rows_only():
     db, clock = MemoryDbDriver(), task.Clock()
     clock.advance(1000)

@@ -195,6 +195,12 @@ class ZmqSubscriber(SubscriberBase):
         except zmq.ZMQError as e:
             self.log.warn("reconnecting to publisher {uri} failed: {error}", uri=uri, error=e)
 
+    def is_connected(self, uri: str) -> bool:
+        """Whether the connection to publisher C{uri} is up now: handshaken
+        and not lost since.  With heartbeats, a publisher behind a silent
+        cut stops being connected within their timeout."""
+        return uri in self._joined and uri not in self._lost
+
     def register_topic(self, topic: str) -> defer.Deferred[None]:
         if topic not in self.topics:
             self.topics.add(topic)

@@ -12,7 +12,12 @@ within C{timeout / 3}, and so still get the C{dbrestart} those publishers
 send.  Nor are rows judged stale on time the table could not be read: for
 C{timeout / 3} plus one C{interval} after reads work again, connections
 are kept, so that a live publisher, which could not write its row either,
-has the time to refresh it.
+has the time to refresh it.  Nor is a stale row dropped while the
+subscriber says its connection to the row's uri is up (C{is_connected},
+which the ZeroMQ subscriber has: with heartbeats, a live connection proves
+a live, reachable publisher): a publisher cut off from the NB DB cannot
+refresh its row, but it still relays what its API workers hand it
+(doc/reliability.md#network-partitions).
 
 Between reads, the owner of the subscriber passes every update it receives
 to L{Discovery.observe}.  A publisher announces its own row's creation and
@@ -154,9 +159,13 @@ class Discovery(service.Service):
         return {r.uri: r.curve_public_key for r in live}
 
     def _expired(self, row: PublisherRow) -> bool:
-        """Stale, unless reads only just work again and it is connected."""
+        """Stale, unless its connection is up, or reads only just work again
+        and it is connected."""
         now = self.clock.seconds()
         if not row.stale(now, self.timeout):
+            return False
+        is_connected = getattr(self.subscriber, "is_connected", None)
+        if row.uri in self.connected and is_connected is not None and is_connected(row.uri):
             return False
         grace = (self._readable_since is not None
                  and now - self._readable_since < self.timeout / 3 + self.interval)
