@@ -41,8 +41,6 @@ aio = pytest_twisted.ensureDeferred
 
 HEARTBEAT_BOUND = 10.0  # [df] zmq_heartbeat_interval + zmq_heartbeat_timeout = 8 s by default
 DEGRADED_BOUND = 20.0  # publisher_timeout / 3 (2 s here) + a refresh's retries (3 x 5 s timeout)
-
-
 PUBLISHER_TIMEOUT = 6  # Deployment's publisher_timeout: rows refreshed every 2 s
 DROP_BOUND = 20.0  # publisher_timeout + two discovery intervals (2 s) + slack
 
