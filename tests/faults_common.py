@@ -130,7 +130,10 @@ class Faulted:
         if isinstance(min_resyncs, int):
             min_resyncs = [min_resyncs] * len(self.d.controllers)
         for controller, before, n in zip(self.d.controllers, self.resyncs_before, min_resyncs):
-            assert await resyncs(controller) >= before + n, controller.dir
+            # A resync that a fleet-wide trigger set off waits a random
+            # delay (resync_spread): the caches can be equal before it ran.
+            await poll(lambda c=controller, want=before + n: _resynced(c, want), RECOVERY,
+                       f"{controller.dir.name} resynced {n} times")
         print(f"\n{fault}: {len(self.load.acked)} writes acknowledged, "
               f"{len(self.load.failed)} refused, {len(self.lost)} acknowledged lost, "
               f"longest write outage "
@@ -164,6 +167,10 @@ class Faulted:
     async def stop(self) -> None:
         await self.load.stop()
         await self.watcher.stopService()
+
+
+async def _resynced(controller: Any, want: int) -> bool:
+    return await resyncs(controller) >= want
 
 
 async def resyncs(controller: Any) -> int:
