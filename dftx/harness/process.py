@@ -260,7 +260,8 @@ class ChildProcess(protocol.ProcessProtocol):
 
     def __init__(self, argv: Sequence[str], log_path: Path, cwd: Path,
                  reactor: Any = None, host: Host = LOOPBACK) -> None:
-        self.argv = [*host.prefix, find_binary(argv[0]), *argv[1:]]
+        self.binary = find_binary(argv[0])
+        self.argv = [*host.prefix, self.binary, *argv[1:]]
         self.log_path = log_path
         self.cwd = cwd
         self.reactor = or_global_reactor(reactor)
@@ -286,7 +287,7 @@ class ChildProcess(protocol.ProcessProtocol):
         @raise ServersOff: while C{$DFTX_NO_SERVERS} is set.
         """
         if os.environ.get(NO_SERVERS_ENV):
-            raise ServersOff(f"{self.argv[0]} not started: ${NO_SERVERS_ENV} is set "
+            raise ServersOff(f"{self.binary} not started: ${NO_SERVERS_ENV} is set "
                              "(a test that starts a server must be marked servers)")
         self._ended = defer.Deferred()
         self._log = open(self.log_path, "ab")
@@ -317,7 +318,7 @@ class ChildProcess(protocol.ProcessProtocol):
         if not self.running:
             return
         ended = self._ended
-        await poll(lambda: ended.called, timeout, f"exit of {self.argv[0]}",
+        await poll(lambda: ended.called, timeout, f"exit of {self.binary}",
                    reactor=self.reactor)
 
     async def kill(self) -> None:
