@@ -228,6 +228,28 @@ async def test_service_registration_cleans_stale_rows_at_start_and_each_refresh(
     await reg.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_registration_says_why_its_refresh_fails_until_one_succeeds():
+    db, clock = MemoryDbDriver(), task.Clock()
+    reg = Registration(db, "c1", "tcp://c:1", LOCAL_CONTROLLER, timeout=30, clock=clock)
+    reg.startService()
+    await reg.started
+    assert reg.failing is None
+    create = db.create_key
+
+    def unreachable(*args, **kwargs):
+        return defer.fail(DBConnectionError("10.0.0.1:6379", "connection refused"))
+
+    db.create_key = unreachable
+    clock.advance(10)  # a refresh (every timeout / 3)
+    assert "refreshing publisher row c1 failed" in reg.failing
+    assert "10.0.0.1:6379" in reg.failing
+    db.create_key = create
+    clock.advance(10)
+    assert reg.failing is None
+    await reg.stopService()
+
+
 # --- discovery -----------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
