@@ -23,15 +23,19 @@ C{$DFTX_REDIS_SERVER} names (Valkey's C{valkey-server}: see doc/testing.md).
 Modules: L{process} (commands, child processes, ports, polling), L{redis}
 (one redis-server, which binary), L{cluster_nodes} (CLUSTER NODES parsed), L{cluster}
 (Redis Cluster), L{ovsdb} (ovsdb-server), L{services} (dfpublisher and
-dfcontroller).
+dfcontroller), L{netns} (a lab of hosts as network namespaces, for
+partitions: import it from there).  Every server takes a L{Host} (where it
+runs), L{LOOPBACK} unless told otherwise.
 """
 
 from dftx.harness.cluster import RedisCluster
 from dftx.harness.cluster_nodes import CLUSTER_SLOTS, ClusterNode, parse_cluster_nodes
 from dftx.harness.ovsdb import VSWITCH_SCHEMA, OvsdbServer
 from dftx.harness.process import (
+    LOOPBACK,
     NO_SERVERS_ENV,
     ChildProcess,
+    Host,
     ServerProcess,
     ServersOff,
     CommandFailed,
@@ -52,12 +56,14 @@ from dftx.harness.services import TWISTD_MAIN, DftxService
 
 __all__ = [
     "CLUSTER_SLOTS",
+    "LOOPBACK",
     "NO_SERVERS_ENV",
     "ChildProcess",
     "ServerProcess",
     "ClusterNode",
     "CommandFailed",
     "DftxService",
+    "Host",
     "OvsdbServer",
     "RedisCluster",
     "RedisServer",
