@@ -112,10 +112,13 @@ def sweep() -> list[str]:
             for line in _ip("-4", "-o", "addr", "show").splitlines()
             if (name := line.split()[1]).startswith("dl") and name[2:].isdigit()
             and _pid_alive(int(name[2:])) for word in line.split()[3:4]]
-    for address in _ip("route", "show", "type", "blackhole", "proto", ROUTE_PROTO).split():
-        if address[:1].isdigit() and not any(ipaddress.ip_address(address.split("/")[0]) in n
-                                             for n in live):
-            _ip("route", "del", "blackhole", address, check=False)
+    for line in _ip("route", "show", "type", "blackhole", "proto", ROUTE_PROTO).splitlines():
+        words = line.split()  # "blackhole 10.1.2.10 [proto 211]"
+        if len(words) < 2 or words[0] != "blackhole":
+            continue
+        address = ipaddress.ip_network(words[1], strict=False)
+        if not any(address.subnet_of(n) for n in live):
+            _ip("route", "del", "blackhole", words[1], "proto", ROUTE_PROTO, check=False)
     return stale
 
 
