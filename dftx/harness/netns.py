@@ -176,18 +176,22 @@ class Lab:
         self._open = True
         atexit.register(self.close)
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
-        _ip("netns", "add", self.bridge_ns)
-        self._in(self.bridge_ns, "link", "add", "br0", "type", "bridge")
-        self._in(self.bridge_ns, "link", "set", "br0", "up")
-        # The root end of its veth lives in this namespace; deleting the
-        # bridge namespace deletes its peer, and so the pair.
-        self._in(self.bridge_ns, "link", "add", "root", "type", "veth", "peer", "name",
-                 f"dl{os.getpid()}", "netns", str(os.getpid()))
-        self._attach("root")
-        address = self._address(1)
-        _ip("addr", "add", f"{address}/24", "dev", f"dl{os.getpid()}")
-        _ip("link", "set", f"dl{os.getpid()}", "up")
-        self.root = Host("root", address)
+        try:
+            _ip("netns", "add", self.bridge_ns)
+            self._in(self.bridge_ns, "link", "add", "br0", "type", "bridge")
+            self._in(self.bridge_ns, "link", "set", "br0", "up")
+            # The root end of its veth lives in this namespace; deleting the
+            # bridge namespace deletes its peer, and so the pair.
+            self._in(self.bridge_ns, "link", "add", "root", "type", "veth", "peer", "name",
+                     f"dl{os.getpid()}", "netns", str(os.getpid()))
+            self._attach("root")
+            address = self._address(1)
+            _ip("addr", "add", f"{address}/24", "dev", f"dl{os.getpid()}")
+            _ip("link", "set", f"dl{os.getpid()}", "up")
+        except RuntimeError as e:  # root without the rights (a container without CAP_SYS_ADMIN)
+            self.close()
+            raise LabUnavailable(f"the partition lab cannot make its network: {e}") from None
+        self.root = Host("root", self._address(1))
         return self
 
     def _address(self, n: int) -> str:
